@@ -1,0 +1,177 @@
+"""The device mesh and the logical-axis rules, in one place.
+
+Parameters carry *logical* axis names as variable metadata (`nnx.Param(value, logical_axes=(...))`),
+activations are constrained with `constrain(x, logical_axes)`. This module is the only place that maps
+those names onto the physical mesh axes `data`, `fsdp` and `tensor`, so changing a parallelism strategy
+is a change of rules, not of model code.
+
+Logical axis names used by the models:
+  batch            the batch of sequences                      -> (data, fsdp)
+  length           sequence positions                          -> not sharded
+  embed            model width D (text) / vision width         -> fsdp   (ZeRO-3 style parameter sharding)
+  mlp              feed-forward width F                        -> tensor
+  heads, kv_heads  attention heads N / K                       -> tensor
+  head_dim         per-head width H                            -> not sharded
+  vocab            vocabulary V                                -> tensor
+  patches          flattened image patches (vision sequence)   -> not sharded
+  norm             norm scales/biases                          -> not sharded
+"""
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import dataclasses
+import math
+from typing import Any, Callable, Sequence
+
+import jax
+import numpy as np
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+MESH_AXES: tuple[str, ...] = ("data", "fsdp", "tensor")
+
+Rules = tuple[tuple[str, Any], ...]
+
+DEFAULT_RULES: Rules = (
+    ("batch", ("data", "fsdp")),
+    ("length", None),
+    ("embed", "fsdp"),
+    ("mlp", "tensor"),
+    ("heads", "tensor"),
+    ("kv_heads", "tensor"),
+    ("head_dim", None),
+    ("vocab", "tensor"),
+    ("patches", None),
+    ("norm", None),
+)
+
+LOGICAL_AXES_KEY = "logical_axes"
+
+
+def make_mesh(shape: Sequence[int], devices: Sequence[jax.Device] | None = None,
+              axis_names: Sequence[str] = MESH_AXES) -> Mesh:
+    """Builds a mesh of `shape` over `devices` (default: all). One entry may be -1 (fills the rest).
+
+    Raises a ValueError that names the culprit when the shape does not divide the devices.
+    """
+    devices = list(jax.devices() if devices is None else devices)
+    shape = list(shape)
+    if len(shape) != len(axis_names):
+        raise ValueError(f"mesh shape {shape} must have one entry per axis {tuple(axis_names)}")
+    if shape.count(-1) > 1:
+        raise ValueError(f"mesh shape {shape}: at most one axis may be -1")
+    if -1 in shape:
+        known = math.prod(s for s in shape if s != -1)
+        if len(devices) % known:
+            raise ValueError(f"mesh shape {dict(zip(axis_names, shape))} does not divide the {len(devices)} devices")
+        shape[shape.index(-1)] = len(devices) // known
+    if any(s <= 0 for s in shape) or math.prod(shape) != len(devices):
+        raise ValueError(f"mesh shape {dict(zip(axis_names, shape))} needs {math.prod(shape)} devices, "
+                         f"but {len(devices)} are available")
+    return Mesh(np.asarray(devices).reshape(shape), tuple(axis_names))
+
+
+def logical_to_spec(logical_axes: Sequence[str | None] | None, rules: Rules = DEFAULT_RULES,
+                    mesh: Mesh | None = None) -> P:
+    """Maps logical axis names to a PartitionSpec; a mesh axis is used at most once per spec.
+
+    With a mesh, mesh axes of size 1 are dropped so specs stay readable; divisibility of the actual
+    dimension is settled separately by `_divisible_spec`.
+    """
+    if logical_axes is None:
+        return P()
+    table = dict(rules)
+    used: set[str] = set()
+    out = []
+    for name in logical_axes:
+        target = table.get(name) if name is not None else None
+        if name is not None and name not in table:
+            raise KeyError(f"logical axis {name!r} has no sharding rule; known: {sorted(table)}")
+        axes = (target,) if isinstance(target, str) else tuple(target or ())
+        axes = tuple(a for a in axes if a not in used and (mesh is None or mesh.shape[a] > 1))
+        used.update(axes)
+        out.append(None if not axes else axes[0] if len(axes) == 1 else axes)
+    return P(*out)
+
+
+def _divisible_spec(spec: P, shape: Sequence[int], mesh: Mesh) -> P:
+    """Drops mesh axes from dimensions they do not divide (a 2-head tiny model on tensor=4, say)."""
+    fixed = []
+    for dim, entry in zip(shape, tuple(spec) + (None,) * (len(shape) - len(spec))):
+        axes = (entry,) if isinstance(entry, str) else tuple(entry or ())
+        kept, size = [], 1
+        for a in axes:
+            if dim % (size * mesh.shape[a]) == 0:
+                kept.append(a)
+                size *= mesh.shape[a]
+        fixed.append(None if not kept else kept[0] if len(kept) == 1 else tuple(kept))
+    return P(*fixed)
+
+
+def variable_sharding(var: nnx.Variable, mesh: Mesh, rules: Rules = DEFAULT_RULES) -> NamedSharding:
+    logical = var.get_metadata().get(LOGICAL_AXES_KEY)
+    shape = var.get_value().shape
+    spec = logical_to_spec(logical, rules, mesh)
+    return NamedSharding(mesh, _divisible_spec(spec, shape, mesh))
+
+
+def state_shardings(state: nnx.State, mesh: Mesh, rules: Rules = DEFAULT_RULES) -> nnx.State:
+    """A State of NamedShardings matching `state` (abstract or concrete), from each variable's logical axes."""
+    return jax.tree.map(lambda v: variable_sharding(v, mesh, rules), state,
+                        is_leaf=lambda x: isinstance(x, nnx.Variable))
+
+
+def create_sharded(constructor: Callable[[], nnx.Module], mesh: Mesh, rules: Rules = DEFAULT_RULES) -> nnx.Module:
+    """Creates a module with every parameter born directly in its sharding (never whole on one device).
+
+    The module is traced abstractly with `nnx.eval_shape`, its shardings are derived from the logical
+    axes, and a jitted initialiser with those `out_shardings` materialises it.
+    """
+    abstract = nnx.eval_shape(constructor)
+    graphdef, abstract_state = nnx.split(abstract)
+    shardings = state_shardings(abstract_state, mesh, rules)
+
+    @jax.jit
+    def init():
+        return nnx.state(constructor())
+
+    state = jax.jit(init, out_shardings=shardings)()
+    return nnx.merge(graphdef, state)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Activation constraints
+# ----------------------------------------------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class _Context:
+    mesh: Mesh
+    rules: Rules
+
+
+_ACTIVE: contextvars.ContextVar[_Context | None] = contextvars.ContextVar("dig_jax_sharding", default=None)
+
+
+@contextlib.contextmanager
+def activate(mesh: Mesh, rules: Rules = DEFAULT_RULES):
+    """Within this context, `constrain` places activations on `mesh` according to `rules`."""
+    token = _ACTIVE.set(_Context(mesh, tuple(rules)))
+    try:
+        yield
+    finally:
+        _ACTIVE.reset(token)
+
+
+def constrain(x: jax.Array, logical_axes: Sequence[str | None]) -> jax.Array:
+    """`with_sharding_constraint` by logical axis names; a no-op outside `activate` (single device)."""
+    ctx = _ACTIVE.get()
+    if ctx is None:
+        return x
+    spec = _divisible_spec(logical_to_spec(logical_axes, ctx.rules, ctx.mesh), x.shape, ctx.mesh)
+    return jax.lax.with_sharding_constraint(x, NamedSharding(ctx.mesh, spec))
+
+
+def data_sharding(mesh: Mesh, ndim: int, rules: Rules = DEFAULT_RULES) -> NamedSharding:
+    """Sharding of a batch-major input array: the batch over the data axes, the rest replicated."""
+    return NamedSharding(mesh, logical_to_spec(("batch",) + (None,) * (ndim - 1), rules, mesh))
