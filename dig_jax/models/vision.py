@@ -1,0 +1,352 @@
+"""The vision towers of Qwen2.5-VL and Qwen3-VL (ViT + patch merger) in Flax NNX.
+
+Numerics follow Hugging Face transformers 5.24 (`Qwen2_5_VisionTransformerPretrainedModel`,
+`Qwen3VLVisionModel`; see reference/qwen_vl_spec.md sections 1.2, 2 and 8) and are tested against it.
+All grid-dependent index arithmetic (window permutation, segment ids, rotary positions, position-embedding
+taps) arrives precomputed in `VisionInputs` (host-side numpy, `vision_inputs.py`), so the forward pass has
+static shapes: one compilation per padded patch count N, whatever the mix of image sizes.
+
+Attention is dense and masked by segment ids (one segment per attention window or per frame), which is
+exactly HF's per-segment loop: a query never sees a key of another segment. Padding rows (segment 0)
+attend only to each other, so they stay finite and never touch a real row.
+
+Axis legend: N patches (padded), M = N/4 merged tokens, D vision width, F ViT feed-forward width,
+E = 4D merged width, O out_hidden_size (= the LLM width), A attention heads, H head dim, R patch row
+length C*T*patch*patch (1176 for Qwen2.5-VL, 1536 for Qwen3-VL).
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from dig_jax.models.config import FAMILIES, VisionConfig
+from dig_jax.models.layers import Dense, LayerNorm, RMSNorm, apply_rotary, param
+from dig_jax.models.vision_inputs import VisionInputs
+from dig_jax.sharding import constrain
+
+QWEN25, QWEN3 = "qwen2_5_vl", "qwen3_vl"
+
+
+def _check_family(family: str) -> None:
+    if family not in FAMILIES:
+        raise ValueError(f"vision family {family!r} is not one of {FAMILIES}")
+
+
+def _norm(cfg: VisionConfig, family: str, dim: int, rngs: nnx.Rngs, param_dtype) -> nnx.Module:
+    """Qwen2.5-VL: RMSNorm without bias; Qwen3-VL: LayerNorm with bias. Both eps 1e-6 (cfg.norm_eps)."""
+    cls = RMSNorm if family == QWEN25 else LayerNorm
+    return cls(dim, eps=cfg.norm_eps, rngs=rngs, param_dtype=param_dtype)
+
+
+class PatchEmbed(nnx.Module):
+    """The Conv3d patch embedding as a Dense over flattened patch rows (stride = kernel, so identical).
+
+    kernel float[R, D] = torch_weight.reshape(D, R).T; the row layout is (C, T, patch_h, patch_w).
+    Qwen3-VL has a bias, Qwen2.5-VL none.
+    """
+
+    def __init__(self, cfg: VisionConfig, family: str, *, rngs: nnx.Rngs, dtype, param_dtype):
+        self.proj = Dense(cfg.patch_dim, cfg.hidden_size, use_bias=family == QWEN3, logical_axes=(None, "embed"),
+                          rngs=rngs, dtype=dtype, param_dtype=param_dtype)
+
+    def __call__(self, pixel_values: jax.Array) -> jax.Array:
+        return self.proj(pixel_values)  # float[N, D]
+
+
+class LearnedPositions(nnx.Module):
+    """Qwen3-VL's learned absolute position table float[side*side, D], resampled per image by 4 taps.
+
+    The taps and weights (bilinear, align_corners=True) come from `VisionInputs`; the sum is done in
+    float32 like HF (`(embedding(idx) * w[..., None]).sum(1)`), and the caller casts to the compute dtype.
+    """
+
+    def __init__(self, cfg: VisionConfig, *, rngs: nnx.Rngs, param_dtype):
+        self.weight = param(rngs, nnx.initializers.normal(0.02), (cfg.num_position_embeddings, cfg.hidden_size),
+                            param_dtype, (None, "embed"))
+
+    def __call__(self, index: jax.Array, weight: jax.Array) -> jax.Array:
+        table = self.weight.get_value().astype(jnp.float32)
+        taps = jnp.take(table, index, axis=0)  # float32[N, 4, D]
+        return jnp.einsum("ntd,nt->nd", taps, weight.astype(jnp.float32))  # float32[N, D]
+
+
+def rotary_cos_sin(rotary_pos: jax.Array, head_dim: int, theta: float) -> tuple[jax.Array, jax.Array]:
+    """2D axial rotary tables float32[N, H] for integer (row, col) positions int[N, 2].
+
+    H/4 frequencies `1/theta^(2i/(H/2))`; angles = concat(row * f, col * f) (H/2 entries), duplicated to H
+    for the rotate-half convention over the full head dim.
+    """
+    half = head_dim // 2
+    inv_freq = 1.0 / (theta ** (np.arange(0, half, 2, dtype=np.float32) / np.float32(half)))
+    angles = rotary_pos.astype(jnp.float32)[:, :, None] * jnp.asarray(inv_freq, jnp.float32)  # float32[N, 2, H/4]
+    angles = angles.reshape(angles.shape[0], half)  # (row freqs, col freqs)
+    emb = jnp.concatenate([angles, angles], axis=-1)
+    return jnp.cos(emb), jnp.sin(emb)
+
+
+class VisionAttention(nnx.Module):
+    """Non-causal multi-head self-attention restricted to segments, with 2D rotary on q and k.
+
+    qkv kernel float[D, 3D] whose output columns are [q; k; v], each head-major (A, H) as in HF.
+    """
+
+    def __init__(self, cfg: VisionConfig, *, rngs: nnx.Rngs, dtype, param_dtype, query_chunk: int | None = None):
+        d = cfg.hidden_size
+        self.num_heads, self.head_dim, self.dtype, self.query_chunk = cfg.num_heads, cfg.head_dim, dtype, query_chunk
+        self.qkv = Dense(d, 3 * d, use_bias=True, logical_axes=("embed", "heads"), rngs=rngs, dtype=dtype,
+                         param_dtype=param_dtype)
+        self.proj = Dense(d, d, use_bias=True, logical_axes=("heads", "embed"), rngs=rngs, dtype=dtype,
+                          param_dtype=param_dtype)
+
+    def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, segment_ids: jax.Array) -> jax.Array:
+        n = x.shape[0]
+        qkv = self.qkv(x).reshape(n, 3, self.num_heads, self.head_dim)  # float[N, 3, A, H]
+        q, k, v = qkv[:, 0], qkv[:, 1], qkv[:, 2]
+        # Rotary in float32, then back to the compute dtype (HF apply_rotary_pos_emb_vision).
+        cos, sin = cos[:, None, :], sin[:, None, :]
+        q = apply_rotary(q.astype(jnp.float32), cos, sin).astype(self.dtype)
+        k = apply_rotary(k.astype(jnp.float32), cos, sin).astype(self.dtype)
+        out = segment_attention(q, k, v, segment_ids, query_chunk=self.query_chunk)  # float[N, A, H]
+        return self.proj(out.reshape(n, self.num_heads * self.head_dim))
+
+
+def segment_attention(q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.Array,
+                      query_chunk: int | None = None) -> jax.Array:
+    """Softmax attention of q, k, v float[N, A, H] where query i sees key j iff their segment ids match.
+
+    Matches HF's eager path: logits in the compute dtype scaled by H^-0.5, softmax in float32, cast back.
+    Padding rows (segment 0) only see each other, so every row has at least one key and stays finite.
+    `query_chunk` bounds the float32[A, chunk, N] logits by looping over query blocks (`lax.map`);
+    each row's result is the same as the dense computation. It must divide N.
+    """
+    n, _, h = q.shape
+    scale = jnp.asarray(h ** -0.5, q.dtype)
+
+    def attend(q_blk: jax.Array, seg_blk: jax.Array) -> jax.Array:
+        logits = jnp.einsum("qah,kah->aqk", q_blk, k) * scale  # float[A, Q, N]
+        same = seg_blk[:, None] == segment_ids[None, :]  # bool[Q, N]
+        logits = jnp.where(same[None], logits.astype(jnp.float32), jnp.finfo(jnp.float32).min)
+        probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
+        return jnp.einsum("aqk,kah->qah", probs, v)  # float[Q, A, H]
+
+    if query_chunk is None or query_chunk >= n:
+        return attend(q, segment_ids)
+    if n % query_chunk:
+        raise ValueError(f"VisionTower query_chunk={query_chunk} must divide the padded patch count {n} "
+                         f"(bucket patches to a multiple of it)")
+    blocks = (q.reshape(n // query_chunk, query_chunk, *q.shape[1:]), segment_ids.reshape(n // query_chunk, -1))
+    return jax.lax.map(lambda b: attend(*b), blocks).reshape(q.shape)
+
+
+class SwiGLU(nnx.Module):
+    """Qwen2.5-VL ViT MLP: down(silu(gate(x)) * up(x)), all with bias."""
+
+    def __init__(self, cfg: VisionConfig, *, rngs: nnx.Rngs, dtype, param_dtype):
+        d, f = cfg.hidden_size, cfg.intermediate_size
+        kw = dict(use_bias=True, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
+        self.gate_proj = Dense(d, f, logical_axes=("embed", "mlp"), **kw)
+        self.up_proj = Dense(d, f, logical_axes=("embed", "mlp"), **kw)
+        self.down_proj = Dense(f, d, logical_axes=("mlp", "embed"), **kw)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return self.down_proj(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class GeluMLP(nnx.Module):
+    """Qwen3-VL ViT MLP: fc2(gelu_tanh(fc1(x))), with bias (HF `gelu_pytorch_tanh`)."""
+
+    def __init__(self, cfg: VisionConfig, *, rngs: nnx.Rngs, dtype, param_dtype):
+        d, f = cfg.hidden_size, cfg.intermediate_size
+        kw = dict(use_bias=True, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
+        self.linear_fc1 = Dense(d, f, logical_axes=("embed", "mlp"), **kw)
+        self.linear_fc2 = Dense(f, d, logical_axes=("mlp", "embed"), **kw)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return self.linear_fc2(jax.nn.gelu(self.linear_fc1(x), approximate=True))
+
+
+class VisionBlock(nnx.Module):
+    """Pre-norm ViT block: x += attn(norm1(x)); x += mlp(norm2(x))."""
+
+    def __init__(self, cfg: VisionConfig, family: str, *, rngs: nnx.Rngs, dtype, param_dtype,
+                 query_chunk: int | None = None):
+        self.norm1 = _norm(cfg, family, cfg.hidden_size, rngs, param_dtype)
+        self.norm2 = _norm(cfg, family, cfg.hidden_size, rngs, param_dtype)
+        self.attn = VisionAttention(cfg, rngs=rngs, dtype=dtype, param_dtype=param_dtype, query_chunk=query_chunk)
+        mlp = SwiGLU if family == QWEN25 else GeluMLP
+        self.mlp = mlp(cfg, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
+
+    def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, segment_ids: jax.Array) -> jax.Array:
+        x = x + self.attn(self.norm1(x), cos, sin, segment_ids)
+        return x + self.mlp(self.norm2(x))
+
+
+class Qwen25PatchMerger(nnx.Module):
+    """ln_q = RMSNorm(D) per patch -> view float[M, E] (2x2 blocks) -> mlp_0 -> GELU(erf) -> mlp_2."""
+
+    def __init__(self, cfg: VisionConfig, *, rngs: nnx.Rngs, dtype, param_dtype):
+        e = cfg.hidden_size * cfg.spatial_merge_size ** 2
+        self.merged_dim = e
+        kw = dict(use_bias=True, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
+        self.ln_q = RMSNorm(cfg.hidden_size, eps=cfg.norm_eps, rngs=rngs, param_dtype=param_dtype)
+        self.mlp_0 = Dense(e, e, logical_axes=("embed", "mlp"), **kw)
+        self.mlp_2 = Dense(e, cfg.out_hidden_size, logical_axes=("mlp", "embed"), **kw)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x = self.ln_q(x).reshape(-1, self.merged_dim)  # float[M, E]
+        return self.mlp_2(jax.nn.gelu(self.mlp_0(x), approximate=False))  # float[M, O]
+
+
+class Qwen3PatchMerger(nnx.Module):
+    """LayerNorm then fc1 -> GELU(erf) -> fc2. The main merger normalises each patch (D) before the 2x2
+    shuffle; the DeepStack mergers (`postshuffle_norm`) normalise the shuffled float[M, E] rows."""
+
+    def __init__(self, cfg: VisionConfig, *, postshuffle_norm: bool, rngs: nnx.Rngs, dtype, param_dtype):
+        e = cfg.hidden_size * cfg.spatial_merge_size ** 2
+        self.merged_dim, self.postshuffle_norm = e, postshuffle_norm
+        kw = dict(use_bias=True, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
+        self.norm = LayerNorm(e if postshuffle_norm else cfg.hidden_size, eps=cfg.norm_eps, rngs=rngs,
+                              param_dtype=param_dtype)
+        self.linear_fc1 = Dense(e, e, logical_axes=("embed", "mlp"), **kw)
+        self.linear_fc2 = Dense(e, cfg.out_hidden_size, logical_axes=("mlp", "embed"), **kw)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        if self.postshuffle_norm:
+            x = self.norm(x.reshape(-1, self.merged_dim))
+        else:
+            x = self.norm(x).reshape(-1, self.merged_dim)  # float[M, E]
+        return self.linear_fc2(jax.nn.gelu(self.linear_fc1(x), approximate=False))  # float[M, O]
+
+
+class VisionTower(nnx.Module):
+    """Patch embed (+ learned positions, Qwen3) -> [window permutation, 2.5] -> ViT blocks with segment
+    attention (+ DeepStack mergers, Qwen3) -> patch merger -> [un-permutation, 2.5].
+
+    `dtype` is the compute dtype; rotary, softmax and norm statistics stay in float32 as in HF.
+    `query_chunk` (None = dense) bounds attention memory to float32[A, query_chunk, N] per block; it must
+    divide the padded patch count (see `segment_attention`).
+    """
+
+    def __init__(self, cfg: VisionConfig, family: str, *, rngs: nnx.Rngs, dtype=jnp.float32,
+                 param_dtype=jnp.float32, query_chunk: int | None = None):
+        _check_family(family)
+        self.cfg, self.family, self.dtype = cfg, family, dtype
+        kw = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
+        self.patch_embed = PatchEmbed(cfg, family, **kw)
+        if family == QWEN3:
+            self.pos_embed = LearnedPositions(cfg, rngs=rngs, param_dtype=param_dtype)
+        self.blocks = nnx.List([VisionBlock(cfg, family, query_chunk=query_chunk, **kw) for _ in range(cfg.depth)])
+        if family == QWEN25:
+            self.merger = Qwen25PatchMerger(cfg, **kw)
+        else:
+            self.merger = Qwen3PatchMerger(cfg, postshuffle_norm=False, **kw)
+            self.deepstack_merger_list = nnx.List([Qwen3PatchMerger(cfg, postshuffle_norm=True, **kw)
+                                                   for _ in cfg.deepstack_visual_indexes])
+
+    def __call__(self, pixel_values: jax.Array, inputs: VisionInputs) -> tuple[jax.Array, tuple[jax.Array, ...]]:
+        """pixel_values float[N, R] in HF pixel (merge-block) order, padding rows last (zeros).
+
+        Returns image_embeds float[M, O] in HF's final order (per image, raster over (t, h/2, w/2); padding
+        rows last) and the DeepStack features (Qwen3: one float[M, O] per entry of
+        deepstack_visual_indexes, ordered by block index as HF; Qwen2.5: ()).
+        """
+        cfg, unit = self.cfg, self.cfg.spatial_merge_size ** 2
+        n = pixel_values.shape[0]
+        if n % unit or n != inputs.segment_ids.shape[0]:
+            raise ValueError(f"pixel_values has {n} rows but VisionInputs was built for {inputs.segment_ids.shape[0]} "
+                             f"patches (must match and be a multiple of {unit})")
+        x = self.patch_embed(pixel_values)  # float[N, D]
+        if self.family == QWEN3:
+            x = x + self.pos_embed(inputs.pos_embed_index, inputs.pos_embed_weight).astype(x.dtype)
+        else:  # gather whole 2x2 blocks so every attention window is contiguous
+            x = jnp.take(x.reshape(n // unit, unit, -1), inputs.window_index, axis=0).reshape(n, -1)
+        x = constrain(x, ("patches", "embed"))
+        cos, sin = rotary_cos_sin(inputs.rotary_pos, cfg.head_dim, cfg.rope_theta)  # float32[N, H]
+
+        deepstack = []
+        for i, block in enumerate(self.blocks):
+            full = self.family == QWEN3 or i in cfg.fullatt_block_indexes
+            x = block(x, cos, sin, inputs.segment_ids if full else inputs.window_segment_ids)
+            x = constrain(x, ("patches", "embed"))
+            if self.family == QWEN3 and i in cfg.deepstack_visual_indexes:
+                deepstack.append(self.deepstack_merger_list[cfg.deepstack_visual_indexes.index(i)](x))
+
+        merged = self.merger(x)  # float[M, O]
+        if self.family == QWEN25:
+            merged = jnp.take(merged, inputs.reverse_index, axis=0)
+        return merged, tuple(deepstack)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Hugging Face parameter names
+# ----------------------------------------------------------------------------------------------------
+
+def vision_param_mapping(cfg: VisionConfig, family: str) -> list[tuple[str, tuple, str]]:
+    """(HF key without the `visual.` / `model.visual.` prefix, NNX path in `VisionTower`, transform).
+
+    transform: "linear" (torch Linear weight (out, in) -> kernel (in, out)), "copy" (biases, norms,
+    the position table), "patch_embed" (Conv3d weight (D, C, T, P, P) -> kernel (C*T*P*P, D)).
+    The list covers every parameter of the tower exactly once (tested).
+    """
+    _check_family(family)
+    out: list[tuple[str, tuple, str]] = []
+
+    def linear(hf: str, path: tuple, bias: bool = True):
+        out.append((f"{hf}.weight", path + ("kernel",), "linear"))
+        if bias:
+            out.append((f"{hf}.bias", path + ("bias",), "copy"))
+
+    def norm(hf: str, path: tuple):
+        out.append((f"{hf}.weight", path + ("weight",), "copy"))
+        if family == QWEN3:
+            out.append((f"{hf}.bias", path + ("bias",), "copy"))
+
+    out.append(("patch_embed.proj.weight", ("patch_embed", "proj", "kernel"), "patch_embed"))
+    if family == QWEN3:
+        out.append(("patch_embed.proj.bias", ("patch_embed", "proj", "bias"), "copy"))
+        out.append(("pos_embed.weight", ("pos_embed", "weight"), "copy"))
+    for i in range(cfg.depth):
+        hf, p = f"blocks.{i}", ("blocks", i)
+        norm(f"{hf}.norm1", p + ("norm1",))
+        norm(f"{hf}.norm2", p + ("norm2",))
+        linear(f"{hf}.attn.qkv", p + ("attn", "qkv"))
+        linear(f"{hf}.attn.proj", p + ("attn", "proj"))
+        names = ("gate_proj", "up_proj", "down_proj") if family == QWEN25 else ("linear_fc1", "linear_fc2")
+        for name in names:
+            linear(f"{hf}.mlp.{name}", p + ("mlp", name))
+    if family == QWEN25:
+        out.append(("merger.ln_q.weight", ("merger", "ln_q", "weight"), "copy"))
+        linear("merger.mlp.0", ("merger", "mlp_0"))
+        linear("merger.mlp.2", ("merger", "mlp_2"))
+    else:
+        for hf, p in [("merger", ("merger",))] + [(f"deepstack_merger_list.{j}", ("deepstack_merger_list", j))
+                                                   for j in range(len(cfg.deepstack_visual_indexes))]:
+            norm(f"{hf}.norm", p + ("norm",))
+            linear(f"{hf}.linear_fc1", p + ("linear_fc1",))
+            linear(f"{hf}.linear_fc2", p + ("linear_fc2",))
+    return out
+
+
+def hf_to_nnx(tensor: np.ndarray, transform: str) -> np.ndarray:
+    """Converts one HF tensor to our layout according to a `vision_param_mapping` transform."""
+    if transform == "copy":
+        return tensor
+    if transform == "linear":
+        return tensor.T
+    if transform == "patch_embed":
+        return tensor.reshape(tensor.shape[0], -1).T
+    raise ValueError(f"unknown vision parameter transform {transform!r}")
+
+
+def nnx_to_hf(array: np.ndarray, transform: str, cfg: VisionConfig) -> np.ndarray:
+    """The inverse of `hf_to_nnx` (for export): kernels back to torch layouts."""
+    if transform == "copy":
+        return array
+    if transform == "linear":
+        return array.T
+    if transform == "patch_embed":
+        return array.T.reshape(cfg.hidden_size, cfg.in_channels, cfg.temporal_patch_size, cfg.patch_size,
+                               cfg.patch_size)
+    raise ValueError(f"unknown vision parameter transform {transform!r}")
