@@ -1,0 +1,113 @@
+"""The base training configuration: every field the trainer reads, with its default and meaning.
+
+Variants (`demo_cpu.py`, `dig_qwen3vl.py`) import `get_config` from here and override only what
+differs. Any field can be overridden on the command line: `--config.grpo.group_size=8`.
+`dig_jax.config_validation.validate` checks the result before anything compiles.
+"""
+import ml_collections
+
+
+def get_config(arg=None):
+    del arg
+    c = ml_collections.ConfigDict()
+    c.seed = 0
+
+    # ---- model --------------------------------------------------------------------------------------
+    c.model = ml_collections.ConfigDict()
+    c.model.preset = "qwen3_vl_tiny"  # a name in dig_jax.models.config.PRESETS
+    c.model.init_checkpoint = ""  # HF safetensors directory; empty = random init (tiny models only)
+    c.model.tokenizer_path = ""  # tokenizer.json; empty = the project's tiny tokenizer, built in the workdir
+    # Tiny tokenizer only: number the special tokens right after its 1k BPE tokens (not at 151643+) and
+    # shrink the model's vocabulary to match, so a CPU model's output layer is 1.2k wide, not 152k.
+    c.model.compact_tokenizer = False
+    c.model.param_dtype = "float32"  # float32 | bfloat16
+    c.model.dtype = "float32"  # computation dtype: float32 | bfloat16
+    c.model.freeze_vision = False  # train only the decoder (and merger, see below)
+    # Field overrides of the preset, e.g. {"text": {"num_hidden_layers": 4}}: small variants for tests/demos.
+    c.model.overrides = ml_collections.ConfigDict({"text": {}, "vision": {}})
+
+    # ---- data ---------------------------------------------------------------------------------------
+    c.data = ml_collections.ConfigDict()
+    c.data.train_files = ""  # glob of ArrayRecord shards made by data_pipeline.generate
+    c.data.eval_files = ""
+    c.data.prompt = ("The two pictures show the same scene with some differences. Find every difference "
+                     "and output its bounding box as JSON.")
+    c.data.add_vision_id = True  # "Picture 1:" / "Picture 2:" before each image
+    c.data.label = "kind"  # answer label per box: "kind" (the difference kind) or a fixed string
+    c.data.max_boxes = 8
+    c.data.min_pixels = 0  # 0 = the family's processor default
+    c.data.max_pixels = 0
+    c.data.num_threads = 2
+    c.data.on_corrupt = "error"  # error | skip
+    c.data.prompt_bucket = 64  # prompt lengths are padded up to a multiple of this
+
+    # ---- mesh ---------------------------------------------------------------------------------------
+    c.mesh = ml_collections.ConfigDict()
+    c.mesh.data = -1  # -1: all remaining devices
+    c.mesh.fsdp = 1
+    c.mesh.tensor = 1
+
+    # ---- optimisation -------------------------------------------------------------------------------
+    c.optim = ml_collections.ConfigDict()
+    c.optim.learning_rate = 1e-6
+    c.optim.warmup_steps = 10
+    c.optim.end_lr_fraction = 0.1  # cosine decay to this fraction of the peak
+    c.optim.weight_decay = 0.01
+    c.optim.b1 = 0.9
+    c.optim.b2 = 0.999
+    c.optim.grad_clip_norm = 1.0
+    c.optim.grad_accum_steps = 1
+
+    # ---- supervised warm-up -------------------------------------------------------------------------
+    c.sft = ml_collections.ConfigDict()
+    c.sft.steps = 0
+    c.sft.batch_size = 8
+    c.sft.learning_rate = 1e-5
+    c.sft.num_differences = (1, 2, 3)  # which pairs the warm-up reads
+
+    # ---- GRPO ---------------------------------------------------------------------------------------
+    c.grpo = ml_collections.ConfigDict()
+    c.grpo.steps = 0  # rollout iterations (each: sample, score, update)
+    c.grpo.prompts_per_batch = 8  # prompts per rollout batch (global)
+    c.grpo.group_size = 8  # samples per prompt (G)
+    c.grpo.max_new_tokens = 128
+    c.grpo.temperature = 1.0
+    c.grpo.top_p = 1.0
+    c.grpo.top_k = 0  # 0 = off
+    c.grpo.eps_low = 0.2
+    c.grpo.eps_high = 0.28
+    c.grpo.kl_coef = 0.01  # 0 drops the reference model
+    c.grpo.num_minibatches = 1  # policy updates per rollout batch
+    c.grpo.scoring_chunk = 4096  # vocabulary chunk for log-softmax
+
+    # ---- reward -------------------------------------------------------------------------------------
+    c.reward = ml_collections.ConfigDict()
+    c.reward.alpha = 0.1  # weight of the format reward
+    c.reward.lambda1 = 0.5  # F1
+    c.reward.lambda2 = 0.5  # mean IoU of matches
+    c.reward.iou_threshold = 0.5
+
+    # ---- curriculum (GRPO phases) -------------------------------------------------------------------
+    c.curriculum = ml_collections.ConfigDict()
+    c.curriculum.phases = [
+        {"name": "one", "selection": [[[1], 1.0]], "max_steps": 100, "reward_threshold": 0.0, "window": 10, "min_steps": 0},
+        {"name": "mixed", "selection": [[[1], 0.34], [[2], 0.33], [[3], 0.33]], "max_steps": 100,
+         "reward_threshold": 0.0, "window": 10, "min_steps": 0},
+    ]
+
+    # ---- checkpoints, logging, evaluation -----------------------------------------------------------
+    c.checkpoint = ml_collections.ConfigDict()
+    c.checkpoint.every = 100
+    c.checkpoint.keep = 3
+    c.checkpoint.use_async = True
+
+    c.log = ml_collections.ConfigDict()
+    c.log.every = 10
+
+    c.eval = ml_collections.ConfigDict()
+    c.eval.num_pairs = 64
+    c.eval.batch_size = 16
+    c.eval.max_new_tokens = 128
+    c.eval.num_visualise = 8
+    c.eval.checkpoint_step = -1  # -1: the newest
+    return c

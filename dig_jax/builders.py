@@ -1,0 +1,195 @@
+"""Construction of a run's parts from its config: tokenizer, model, mesh, example builder, datasets.
+
+Shared by training, evaluation and export so that all three see the same model and the same inputs.
+Every function takes the few config sections it needs, not the whole config, except `model_config`.
+"""
+from __future__ import annotations
+
+import dataclasses
+import glob
+import os
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from flax import nnx
+
+from configs.datagen import KINDS
+from data_pipeline import loader
+from dig_jax import hf_io, sharding
+from dig_jax.config_validation import mesh_shape
+from dig_jax.inputs import ExampleBuilder, InputSpec, max_answer_tokens
+from dig_jax.models import config as model_config
+from dig_jax.models.vlm import QwenVL
+from dig_jax.processing import (ImageProcessorConfig, build_tiny_tokenizer, load_tokenizer,
+                                special_token_ids)
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+def model_config_from(c: ml_collections.ConfigDict, tokenizer=None) -> model_config.ModelConfig:
+    """The preset (or the checkpoint's config.json), with `model.overrides` applied field by field.
+
+    With a compact tokenizer (`model.compact_tokenizer`), the special-token ids come from the tokenizer
+    and the vocabulary shrinks to the tokenizer's size rounded up to a multiple of 128.
+    """
+    if c.model.init_checkpoint:
+        path = os.path.join(c.model.init_checkpoint, "config.json")
+        if not os.path.exists(path):
+            raise FileNotFoundError(f"config.model.init_checkpoint: no config.json in {c.model.init_checkpoint}")
+        import json
+
+        with open(path) as f:
+            cfg = hf_io.config_from_hf(json.load(f))
+    else:
+        cfg = model_config.preset(c.model.preset)
+    changed = {}
+    for section, fields in c.model.overrides.items():
+        if section not in ("text", "vision"):
+            raise ValueError(f"config.model.overrides.{section}: sections are 'text' and 'vision'")
+        sub = getattr(cfg, section)
+        for field, value in fields.items():
+            if not hasattr(sub, field):
+                raise ValueError(f"config.model.overrides.{section}.{field}: {section} config has no such field")
+            value = tuple(value) if isinstance(getattr(sub, field), tuple) else value
+            sub = dataclasses.replace(sub, **{field: value})
+        changed[section] = sub
+    if c.model.compact_tokenizer:
+        if tokenizer is None:
+            raise ValueError("config.model.compact_tokenizer: the model config needs the tokenizer's ids")
+        vocab = -(-tokenizer.get_vocab_size(with_added_tokens=True) // 128) * 128
+        changed["text"] = dataclasses.replace(changed.get("text", cfg.text), vocab_size=vocab)
+        cfg = dataclasses.replace(cfg, **special_token_ids(tokenizer))
+    if changed:  # both sections at once: the model config validates their consistency
+        cfg = dataclasses.replace(cfg, **changed)
+    return cfg
+
+
+def model_family(c: ml_collections.ConfigDict) -> str:
+    """The family of the configured model (needed before the tokenizer, hence before the model config)."""
+    if c.model.init_checkpoint:
+        return model_config_from(_without_compact(c)).family
+    return model_config.preset(c.model.preset).family
+
+
+def _without_compact(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict(c.to_dict())
+    c.model.compact_tokenizer = False
+    return c
+
+
+def make_mesh(c: ml_collections.ConfigDict) -> jax.sharding.Mesh:
+    return sharding.make_mesh(mesh_shape(c, jax.device_count()))
+
+
+def tokenizer_path(c: ml_collections.ConfigDict, workdir: str, family: str) -> str:
+    """The configured tokenizer.json, or the project's tiny tokenizer built once into the workdir."""
+    if c.model.tokenizer_path:
+        path = c.model.tokenizer_path
+        if os.path.isdir(path):
+            path = os.path.join(path, "tokenizer.json")
+        if not os.path.exists(path):
+            raise FileNotFoundError(f"config.model.tokenizer_path: {path} does not exist")
+        return path
+    if c.model.init_checkpoint:
+        path = os.path.join(c.model.init_checkpoint, "tokenizer.json")
+        if os.path.exists(path):
+            return path
+    compact = bool(c.model.compact_tokenizer)
+    out = os.path.join(workdir, "tokenizer_compact" if compact else "tokenizer")
+    path = os.path.join(out, "tokenizer.json")
+    if not os.path.exists(path):
+        # Deterministic: every process may build it (a shared workdir just gets the same bytes).
+        build_tiny_tokenizer(out, family=family, compact=compact)
+    return path
+
+
+def load_run_tokenizer(c: ml_collections.ConfigDict, path: str):
+    return load_tokenizer(path, require_real_ids=not c.model.compact_tokenizer)
+
+
+def create_model(c: ml_collections.ConfigDict, cfg: model_config.ModelConfig, mesh) -> QwenVL:
+    """Random init (sharded from birth) or an HF checkpoint loaded straight into its shardings."""
+    dtype, param_dtype = DTYPES[c.model.dtype], DTYPES[c.model.param_dtype]
+    if c.model.init_checkpoint:
+        return hf_io.load_hf_checkpoint(c.model.init_checkpoint, cfg, mesh=mesh, dtype=dtype, param_dtype=param_dtype)
+    seed = int(c.seed)
+    return sharding.create_sharded(
+        lambda: QwenVL(cfg, rngs=nnx.Rngs(seed), dtype=dtype, param_dtype=param_dtype), mesh)
+
+
+def image_processor_config(c: ml_collections.ConfigDict, family: str) -> ImageProcessorConfig:
+    overrides = {}
+    if c.data.min_pixels:
+        overrides["min_pixels"] = int(c.data.min_pixels)
+    if c.data.max_pixels:
+        overrides["max_pixels"] = int(c.data.max_pixels)
+    return ImageProcessorConfig.for_family(family, **overrides)
+
+
+def dataset_image_hw(pattern: str) -> tuple[int, int]:
+    """The rendered image size of a dataset, from its first shard's first record."""
+    paths = loader.list_shards(pattern)
+    if not paths:
+        raise FileNotFoundError(f"no ArrayRecord shard matches {pattern!r}")
+    from data_pipeline import schema
+
+    reader = loader.open_reader(paths[0])
+    try:
+        record = schema.decode(reader.read([0])[0])
+    finally:
+        reader.close()
+    return tuple(record["image_a"].shape[:2])
+
+
+def example_builder(c: ml_collections.ConfigDict, family: str, tok_path: str, image_hw,
+                    keep_images: bool = False) -> ExampleBuilder:
+    """The per-example transform; the answer length is sized for `data.max_boxes` boxes."""
+    spec = InputSpec(family=family, image_cfg=image_processor_config(c, family), prompt_text=c.data.prompt,
+                     add_vision_id=bool(c.data.add_vision_id), label_mode=c.data.label,
+                     max_boxes=int(c.data.max_boxes), prompt_bucket=int(c.data.prompt_bucket), answer_len=1,
+                     keep_images=keep_images)
+    probe = ExampleBuilder(spec, tok_path, image_hw, require_real_ids=not c.model.compact_tokenizer)
+    answer_len = max_answer_tokens(probe, int(c.data.max_boxes)) + 2
+    return ExampleBuilder(dataclasses.replace(spec, answer_len=answer_len), tok_path, image_hw,
+                          require_real_ids=not c.model.compact_tokenizer)
+
+
+def pair_dataset(c: ml_collections.ConfigDict, files: str, builder: ExampleBuilder, *, batch_size: int,
+                 selection, seed: int, shuffle: bool = True, num_epochs: int | None = None,
+                 corrupt: loader.CorruptRecords | None = None):
+    """This process's share of a Grain pipeline of model-ready examples (`batch_size` is global)."""
+    per_process = batch_size // jax.process_count()
+    return loader.make_pair_dataset(
+        files, batch_size=per_process, seed=seed, max_boxes=int(c.data.max_boxes), selection=selection,
+        num_threads=int(c.data.num_threads), on_corrupt=c.data.on_corrupt, corrupt_records=corrupt,
+        transform=builder, shuffle=shuffle, num_epochs=num_epochs, drop_remainder=shuffle)
+
+
+def kind_names(kind_ids: np.ndarray) -> list[str]:
+    return [KINDS[int(k)] for k in kind_ids if int(k) >= 0]
+
+
+def restore_model(c: ml_collections.ConfigDict, workdir: str, model_cfg: model_config.ModelConfig, mesh,
+                  step: int | None = None) -> tuple[QwenVL, int]:
+    """The model of a training checkpoint, its parameters placed directly onto `mesh` (any shape).
+
+    Only the "params" item is read; the optimiser state is never materialised.
+    """
+    from dig_jax import checkpointing
+
+    dtype, param_dtype = DTYPES[c.model.dtype], DTYPES[c.model.param_dtype]
+    abstract_model = nnx.eval_shape(lambda: QwenVL(model_cfg, rngs=nnx.Rngs(0), dtype=dtype, param_dtype=param_dtype))
+    graphdef, abstract_params = nnx.split(abstract_model, nnx.Param)
+    shardings = sharding.state_shardings(abstract_params, mesh)
+    target = jax.tree.map(lambda v, s: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=s),
+                          nnx.to_pure_dict(abstract_params), nnx.to_pure_dict(shardings))
+    ckpt = checkpointing.Checkpointer(os.path.join(workdir, "checkpoints"), save_every=1, keep=10**6, use_async=False)
+    try:
+        step = ckpt.latest_step() if step is None or step < 0 else step
+        restored, _ = ckpt.restore({"params": target}, step=step)
+    finally:
+        ckpt.close()
+    nnx.replace_by_pure_dict(abstract_params, restored["params"])
+    return nnx.merge(graphdef, abstract_params), step

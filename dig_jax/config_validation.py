@@ -1,0 +1,104 @@
+"""Checks a training config before anything compiles; every error names the offending field.
+
+The checks that need the devices (the mesh must divide them, batches must divide the data axes) take the
+device count as an argument so they are testable without real hardware.
+"""
+from __future__ import annotations
+
+import math
+
+import ml_collections
+
+from dig_jax.models import config as model_config
+
+_DTYPES = ("float32", "bfloat16")
+
+
+class ConfigError(ValueError):
+    """A configuration value that cannot work; the message starts with the field's dotted path."""
+
+
+def _fail(field: str, why: str):
+    raise ConfigError(f"config.{field}: {why}")
+
+
+def _positive(c, field: str, allow_zero: bool = False):
+    value = c
+    for part in field.split("."):
+        if part not in value:
+            _fail(field, "is missing")
+        value = value[part]
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or value < 0 or (value == 0 and not allow_zero):
+        _fail(field, f"must be a {'non-negative' if allow_zero else 'positive'} number, got {value!r}")
+    return value
+
+
+def mesh_shape(c: ml_collections.ConfigDict, num_devices: int) -> tuple[int, int, int]:
+    """Resolves the (data, fsdp, tensor) mesh shape; -1 in one axis takes the remaining devices."""
+    shape = [c.mesh.data, c.mesh.fsdp, c.mesh.tensor]
+    names = ("mesh.data", "mesh.fsdp", "mesh.tensor")
+    for name, s in zip(names, shape):
+        if not isinstance(s, int) or (s <= 0 and s != -1):
+            _fail(name, f"must be a positive integer or -1, got {s!r}")
+    if shape.count(-1) > 1:
+        _fail("mesh", f"at most one axis may be -1, got data={shape[0]} fsdp={shape[1]} tensor={shape[2]}")
+    if -1 in shape:
+        known = math.prod(s for s in shape if s != -1)
+        if num_devices % known:
+            _fail("mesh", f"fsdp x tensor x data = {known} x ... does not divide the {num_devices} devices")
+        shape[shape.index(-1)] = num_devices // known
+    if math.prod(shape) != num_devices:
+        _fail("mesh", f"data={shape[0]} x fsdp={shape[1]} x tensor={shape[2]} = {math.prod(shape)} devices, "
+                      f"but {num_devices} are available")
+    return tuple(shape)
+
+
+def validate(c: ml_collections.ConfigDict, num_devices: int, num_processes: int = 1) -> None:
+    if c.model.preset not in model_config.PRESETS:
+        _fail("model.preset", f"{c.model.preset!r} is not one of {sorted(model_config.PRESETS)}")
+    for field in ("model.dtype", "model.param_dtype"):
+        value = c.model[field.split(".")[1]]
+        if value not in _DTYPES:
+            _fail(field, f"{value!r} is not one of {_DTYPES}")
+    if not c.model.init_checkpoint and not c.model.preset.endswith("_tiny"):
+        _fail("model.init_checkpoint", f"preset {c.model.preset!r} is full-size: give an HF checkpoint directory "
+                                       "(random init is for the tiny presets only)")
+    data, fsdp, _ = mesh_shape(c, num_devices)
+    batch_axes = data * fsdp
+    for field in ("sft.batch_size", "grpo.prompts_per_batch", "eval.batch_size"):
+        section, name = field.split(".")
+        value = _positive(c, field)
+        if value % batch_axes:
+            _fail(field, f"{value} does not divide over the data x fsdp = {batch_axes} batch shards of the mesh")
+        if value % num_processes:
+            _fail(field, f"{value} does not divide over the {num_processes} processes")
+    rollout = c.grpo.prompts_per_batch * c.grpo.group_size
+    if c.grpo.num_minibatches <= 0 or rollout % c.grpo.num_minibatches:
+        _fail("grpo.num_minibatches", f"{c.grpo.num_minibatches} must divide prompts_per_batch x group_size = {rollout}")
+    if (rollout // max(c.grpo.num_minibatches, 1)) % batch_axes:
+        _fail("grpo.num_minibatches", f"each minibatch of {rollout // c.grpo.num_minibatches} sequences must divide "
+                                      f"over the {batch_axes} batch shards")
+    for field in ("sft.steps", "grpo.steps"):
+        _positive(c, field, allow_zero=True)
+    for field in ("grpo.group_size", "grpo.max_new_tokens", "optim.learning_rate", "sft.learning_rate",
+                  "checkpoint.every", "checkpoint.keep", "log.every", "optim.grad_accum_steps",
+                  "data.max_boxes", "data.prompt_bucket", "eval.max_new_tokens"):
+        _positive(c, field)
+    if c.grpo.group_size < 2 and c.grpo.steps:
+        _fail("grpo.group_size", "GRPO needs at least 2 samples per prompt to normalise advantages")
+    if not 0 <= c.grpo.top_p <= 1:
+        _fail("grpo.top_p", f"must be in [0, 1], got {c.grpo.top_p}")
+    if c.grpo.temperature < 0:
+        _fail("grpo.temperature", f"must be >= 0, got {c.grpo.temperature}")
+    for field in ("grpo.eps_low", "grpo.eps_high", "grpo.kl_coef"):
+        _positive(c, field, allow_zero=True)
+    if not 0 <= c.reward.alpha <= 1:
+        _fail("reward.alpha", f"must be in [0, 1], got {c.reward.alpha}")
+    if not 0 < c.reward.iou_threshold <= 1:
+        _fail("reward.iou_threshold", f"must be in (0, 1], got {c.reward.iou_threshold}")
+    if c.data.on_corrupt not in ("error", "skip"):
+        _fail("data.on_corrupt", f"{c.data.on_corrupt!r} is not 'error' or 'skip'")
+    if (c.sft.steps or c.grpo.steps) and not c.data.train_files:
+        _fail("data.train_files", "is empty: give a glob of ArrayRecord shards (python -m data_pipeline.generate)")
+    if not c.curriculum.phases and c.grpo.steps:
+        _fail("curriculum.phases", "GRPO needs at least one phase")
