@@ -46,6 +46,7 @@ def get_config(arg=None):
     c.mesh.data = -1  # -1: all remaining devices
     c.mesh.fsdp = 1
     c.mesh.tensor = 1
+    c.mesh.num_devices = 0  # 0: every device; N: the first N (e.g. a single-device reference run)
 
     # ---- optimisation -------------------------------------------------------------------------------
     c.optim = ml_collections.ConfigDict()

@@ -6,7 +6,6 @@ Every function takes the few config sections it needs, not the whole config, exc
 from __future__ import annotations
 
 import dataclasses
-import glob
 import os
 
 import jax
@@ -79,8 +78,17 @@ def _without_compact(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     return c
 
 
+def mesh_devices(c: ml_collections.ConfigDict) -> list:
+    n = int(c.mesh.get("num_devices", 0) or 0)
+    devices = jax.devices()
+    if n < 0 or n > len(devices):
+        raise ValueError(f"config.mesh.num_devices={n}: {len(devices)} devices are available")
+    return devices[:n] if n else devices
+
+
 def make_mesh(c: ml_collections.ConfigDict) -> jax.sharding.Mesh:
-    return sharding.make_mesh(mesh_shape(c, jax.device_count()))
+    devices = mesh_devices(c)
+    return sharding.make_mesh(mesh_shape(c, len(devices)), devices)
 
 
 def tokenizer_path(c: ml_collections.ConfigDict, workdir: str, family: str) -> str:
@@ -109,14 +117,25 @@ def load_run_tokenizer(c: ml_collections.ConfigDict, path: str):
     return load_tokenizer(path, require_real_ids=not c.model.compact_tokenizer)
 
 
-def create_model(c: ml_collections.ConfigDict, cfg: model_config.ModelConfig, mesh) -> QwenVL:
-    """Random init (sharded from birth) or an HF checkpoint loaded straight into its shardings."""
+def model_constructor(c: ml_collections.ConfigDict, cfg: model_config.ModelConfig, seed: int = 0,
+                      patches_per_image: int | None = None):
+    """A zero-argument constructor of the configured QwenVL (for eval_shape and sharded init).
+
+    `patches_per_image`: DiG datasets have one image size, so the ViT can attend per image
+    (`QwenVL(vision_attention_block=...)`), which is exact and much cheaper for large batches.
+    """
     dtype, param_dtype = DTYPES[c.model.dtype], DTYPES[c.model.param_dtype]
+    return lambda: QwenVL(cfg, rngs=nnx.Rngs(seed), dtype=dtype, param_dtype=param_dtype,
+                          vision_attention_block=patches_per_image)
+
+
+def create_model(c: ml_collections.ConfigDict, cfg: model_config.ModelConfig, mesh,
+                 patches_per_image: int | None = None) -> QwenVL:
+    """Random init (sharded from birth) or an HF checkpoint loaded straight into its shardings."""
+    constructor = model_constructor(c, cfg, int(c.seed), patches_per_image)
     if c.model.init_checkpoint:
-        return hf_io.load_hf_checkpoint(c.model.init_checkpoint, cfg, mesh=mesh, dtype=dtype, param_dtype=param_dtype)
-    seed = int(c.seed)
-    return sharding.create_sharded(
-        lambda: QwenVL(cfg, rngs=nnx.Rngs(seed), dtype=dtype, param_dtype=param_dtype), mesh)
+        return hf_io.load_into(nnx.eval_shape(constructor), cfg, c.model.init_checkpoint, mesh=mesh)
+    return sharding.create_sharded(constructor, mesh)
 
 
 def image_processor_config(c: ml_collections.ConfigDict, family: str) -> ImageProcessorConfig:
@@ -172,15 +191,14 @@ def kind_names(kind_ids: np.ndarray) -> list[str]:
 
 
 def restore_model(c: ml_collections.ConfigDict, workdir: str, model_cfg: model_config.ModelConfig, mesh,
-                  step: int | None = None) -> tuple[QwenVL, int]:
+                  step: int | None = None, patches_per_image: int | None = None) -> tuple[QwenVL, int]:
     """The model of a training checkpoint, its parameters placed directly onto `mesh` (any shape).
 
     Only the "params" item is read; the optimiser state is never materialised.
     """
     from dig_jax import checkpointing
 
-    dtype, param_dtype = DTYPES[c.model.dtype], DTYPES[c.model.param_dtype]
-    abstract_model = nnx.eval_shape(lambda: QwenVL(model_cfg, rngs=nnx.Rngs(0), dtype=dtype, param_dtype=param_dtype))
+    abstract_model = nnx.eval_shape(model_constructor(c, model_cfg, 0, patches_per_image))
     graphdef, abstract_params = nnx.split(abstract_model, nnx.Param)
     shardings = sharding.state_shardings(abstract_params, mesh)
     target = jax.tree.map(lambda v, s: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=s),

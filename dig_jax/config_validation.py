@@ -9,6 +9,7 @@ import math
 
 import ml_collections
 
+from dig_jax.curriculum import Curriculum
 from dig_jax.models import config as model_config
 
 _DTYPES = ("float32", "bfloat16")
@@ -65,19 +66,23 @@ def validate(c: ml_collections.ConfigDict, num_devices: int, num_processes: int 
                                        "(random init is for the tiny presets only)")
     data, fsdp, _ = mesh_shape(c, num_devices)
     batch_axes = data * fsdp
-    for field in ("sft.batch_size", "grpo.prompts_per_batch", "eval.batch_size"):
-        section, name = field.split(".")
+    in_use = {"sft.batch_size": c.sft.steps > 0, "grpo.prompts_per_batch": c.grpo.steps > 0, "eval.batch_size": True}
+    for field, used in in_use.items():
         value = _positive(c, field)
+        if not used:
+            continue
         if value % batch_axes:
             _fail(field, f"{value} does not divide over the data x fsdp = {batch_axes} batch shards of the mesh")
         if value % num_processes:
             _fail(field, f"{value} does not divide over the {num_processes} processes")
-    rollout = c.grpo.prompts_per_batch * c.grpo.group_size
-    if c.grpo.num_minibatches <= 0 or rollout % c.grpo.num_minibatches:
-        _fail("grpo.num_minibatches", f"{c.grpo.num_minibatches} must divide prompts_per_batch x group_size = {rollout}")
-    if (rollout // max(c.grpo.num_minibatches, 1)) % batch_axes:
-        _fail("grpo.num_minibatches", f"each minibatch of {rollout // c.grpo.num_minibatches} sequences must divide "
-                                      f"over the {batch_axes} batch shards")
+    prompts = c.grpo.prompts_per_batch
+    if c.grpo.num_minibatches <= 0 or prompts % c.grpo.num_minibatches:
+        _fail("grpo.num_minibatches", f"{c.grpo.num_minibatches} must divide grpo.prompts_per_batch = {prompts} "
+                                      "(minibatches hold whole groups)")
+    rows = prompts // c.grpo.num_minibatches * c.grpo.group_size
+    if c.grpo.steps and rows % batch_axes:
+        _fail("grpo.num_minibatches", f"each minibatch of {rows} sequences must divide over the {batch_axes} "
+                                      "batch shards")
     for field in ("sft.steps", "grpo.steps"):
         _positive(c, field, allow_zero=True)
     for field in ("grpo.group_size", "grpo.max_new_tokens", "optim.learning_rate", "sft.learning_rate",
@@ -102,3 +107,8 @@ def validate(c: ml_collections.ConfigDict, num_devices: int, num_processes: int 
         _fail("data.train_files", "is empty: give a glob of ArrayRecord shards (python -m data_pipeline.generate)")
     if not c.curriculum.phases and c.grpo.steps:
         _fail("curriculum.phases", "GRPO needs at least one phase")
+    if c.curriculum.phases:
+        try:  # the trainer builds the same object; its errors already name `curriculum.phases[i].field`
+            Curriculum(list(c.curriculum.phases))
+        except ValueError as e:
+            raise ConfigError(f"config.{e}") from None

@@ -6,6 +6,7 @@ Metrics (boxes matched one-to-one by the reward's Hungarian matching; a match co
   mean_iou                  mean IoU over matched pairs of boxes (matches below 0.5 included)
   count_accuracy            fraction of pairs whose number of predicted boxes equals the truth
   format_rate               fraction of answers that parse as the expected JSON
+  reward                    mean DiG reward of the greedy answers (the training objective)
 broken down by number of differences (`by_num_differences/<m>/...`) and by difference kind
 (`by_kind/<kind>/recall`: the fraction of true boxes of that kind that were found; predictions carry
 no kind, so precision is not defined per kind).
@@ -58,12 +59,12 @@ class MetricAccumulator:
         self.kind_total = collections.Counter()
 
     def add(self, *, num_pred: int, num_gt: int, ious: np.ndarray, format_ok: bool, gt_kinds: list[str],
-            gt_found: np.ndarray) -> dict:
+            gt_found: np.ndarray, reward: float) -> dict:
         tp = int(np.sum(ious >= IOU_THRESHOLD))
         pair_f1 = 1.0 if num_pred == num_gt == 0 else 2 * tp / (num_pred + num_gt)
         row = {"tp": tp, "num_pred": num_pred, "num_gt": num_gt, "pair_f1": pair_f1,
                "iou_sum": float(ious.sum()), "matches": len(ious), "count_ok": int(num_pred == num_gt),
-               "format_ok": int(format_ok), "pairs": 1}
+               "format_ok": int(format_ok), "pairs": 1, "reward": reward}
         for key in ("all", f"by_num_differences/{num_gt}"):
             self.groups[key].update(row)
         for kind, found in zip(gt_kinds, gt_found):
@@ -83,6 +84,7 @@ class MetricAccumulator:
                 f"{prefix}mean_iou": g["iou_sum"] / g["matches"] if g["matches"] else 0.0,
                 f"{prefix}count_accuracy": g["count_ok"] / g["pairs"],
                 f"{prefix}format_rate": g["format_ok"] / g["pairs"], f"{prefix}pairs": g["pairs"],
+                f"{prefix}reward": g["reward"] / g["pairs"],
             })
         for kind in sorted(self.kind_total):
             out[f"by_kind/{kind}/recall"] = self.kind_found[kind] / self.kind_total[kind]
@@ -143,11 +145,12 @@ def evaluate(model, batches, *, cfg, tokenizer, family: str, max_new_tokens: int
             rows, cols, ious = match_boxes(pred, gt, hw, reward_config)
             found = np.zeros(len(gt), bool)
             found[cols[ious >= IOU_THRESHOLD]] = True
+            reward = rewards.score_answer(text, gt, hw, resized, reward_config)["reward"]
             row = acc.add(num_pred=len(pred), num_gt=len(gt), ious=ious, format_ok=format_ok, gt_kinds=gt_kinds,
-                          gt_found=found)
+                          gt_found=found, reward=reward)
             lines.append({"seed": int(batch["seed"][i]), "answer": text, "pred_boxes": pred.round(1).tolist(),
                           "gt_boxes": gt.tolist(), "gt_kinds": gt_kinds, "matched_iou": ious.round(4).tolist(),
-                          **{k: row[k] for k in ("tp", "num_pred", "num_gt", "pair_f1", "format_ok")}})
+                          **{k: row[k] for k in ("tp", "num_pred", "num_gt", "pair_f1", "format_ok", "reward")}})
             if len(panels) < num_visualise and "image_a" in batch:
                 panels.append(draw_prediction(batch["image_a"][i], batch["image_b"][i], gt, pred))
             seen += 1

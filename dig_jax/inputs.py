@@ -65,6 +65,10 @@ class ExampleBuilder:
         self.prompt_len = int(math.ceil(len(self._prompt_ids) / spec.prompt_bucket) * spec.prompt_bucket)
 
     @property
+    def patches_per_image(self) -> int:
+        return int(np.prod(self.image_grid_thw[0]))
+
+    @property
     def tokenizer(self):
         if self._tokenizer is None:
             self._tokenizer = load_tokenizer(self.tokenizer_path, require_real_ids=self.require_real_ids)

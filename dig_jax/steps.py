@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from dig_jax import grpo
+from dig_jax import grpo, sharding
 from dig_jax.sampling import PromptBatch, score_completions
 
 # Incremented at trace time; a test asserts that each step compiles once.
@@ -40,9 +40,27 @@ class Completions:
     mask: jax.Array
 
 
+def pin_shardings(tree):
+    """Constrains every array of `tree` (parameters, optimiser state) to the sharding of its logical axes
+    (replicated when it has none); a no-op outside `sharding.activate`.
+
+    Why: without it XLA picks the output shardings of a step freely (a replicated norm scale may come
+    back sharded over fsdp), so the second call sees different input shardings and compiles the whole
+    step again. Pinned, the outputs have exactly the shardings of the inputs and each step compiles once.
+    """
+    def pin(x):
+        if isinstance(x, nnx.Variable):
+            logical = x.get_metadata().get(sharding.LOGICAL_AXES_KEY)
+            value = x.get_value()
+            return x.replace(sharding.constrain(value, logical if logical is not None else (None,) * value.ndim))
+        return sharding.constrain(x, (None,) * jnp.ndim(x)) if isinstance(x, jax.Array) else x
+
+    return jax.tree.map(pin, tree, is_leaf=lambda x: isinstance(x, nnx.Variable))
+
+
 def _apply_updates(tx, params, opt_state, grads):
     updates, opt_state = tx.update(grads, opt_state, params)
-    return optax.apply_updates(params, updates), opt_state
+    return pin_shardings(optax.apply_updates(params, updates)), pin_shardings(opt_state)
 
 
 def sft_loss(graphdef: nnx.GraphDef, params: nnx.State, prompts: PromptBatch, answers: Completions,

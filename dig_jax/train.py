@@ -45,7 +45,7 @@ class Run:
 # ======================================================================================================
 
 def setup(c: ml_collections.ConfigDict, workdir: str) -> Run:
-    validate(c, jax.device_count(), jax.process_count())
+    validate(c, len(builders.mesh_devices(c)), jax.process_count())
     tok_path = builders.tokenizer_path(c, workdir, builders.model_family(c))
     tokenizer = builders.load_run_tokenizer(c, tok_path)
     model_cfg = builders.model_config_from(c, tokenizer)
@@ -53,7 +53,7 @@ def setup(c: ml_collections.ConfigDict, workdir: str) -> Run:
     image_hw = builders.dataset_image_hw(c.data.train_files)
     builder = builders.example_builder(c, model_cfg.family, tok_path, image_hw)
     with sharding.activate(mesh):
-        model = builders.create_model(c, model_cfg, mesh)
+        model = builders.create_model(c, model_cfg, mesh, patches_per_image=builder.patches_per_image)
     graphdef, params = nnx.split(model, nnx.Param)
     return Run(c, workdir, model_cfg, mesh, graphdef, params, tokenizer, builder,
                Curriculum(list(c.curriculum.phases)))
@@ -74,12 +74,11 @@ def optimizer_for(c, stage: str, params):
 
 
 def init_optimizer_state(tx, params, mesh):
-    """Adam moments inherit the parameters' shardings; scalars (the step count) are replicated on the
-    mesh explicitly, so the step's inputs look the same on every call and it compiles once."""
-    opt_state = jax.jit(tx.init)(params)
-    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-    return jax.tree.map(lambda x: x if isinstance(x.sharding, jax.sharding.NamedSharding)
-                        else jax.device_put(x, replicated), opt_state)
+    """Adam moments get the parameters' shardings and scalars (the step count) are replicated on the mesh,
+    exactly as the steps pin their outputs, so the step's inputs look the same on every call and it
+    compiles once."""
+    with sharding.activate(mesh):  # the shardings that `steps` pins its outputs to
+        return jax.jit(lambda p: steps.pin_shardings(tx.init(p)))(params)
 
 
 def data_iterator(run: Run, stage: str, cur_state: CurriculumState):
@@ -177,7 +176,7 @@ def train(c: ml_collections.ConfigDict, workdir: str) -> dict:
                 opt_state = init_optimizer_state(tx, params, run.mesh)
                 reference = jax.tree.map(jnp.copy, params) if uses_reference(stage) else None
                 data = data_iterator(run, stage, cur_state)
-            batch = next(data)
+            batch = global_batch(next(data))
             t_start = time.perf_counter()
             if stage == "sft":
                 prompts = rollout.prompt_batch(run.model_cfg, batch, mesh=run.mesh, prompt_bucket=c.data.prompt_bucket)
@@ -202,8 +201,9 @@ def train(c: ml_collections.ConfigDict, workdir: str) -> dict:
                 logger.progress(step, metrics, phase=phase_name,
                                 keys=("sft/loss", "reward/mean", "reward/f1", "reward/iou", "grpo/kl"))
             stop = guard.requested or (jax.process_count() > 1 and _preemption_sync(step))
+            # Always keep the end of the warm-up and the end of the run (the demo compares the two).
             ckpt.save(step, _arrays(params, opt_state, rng, reference), _meta(step, cur_state, stage),
-                      data, force=stop or step == total_steps)
+                      data, force=stop or step == total_steps or step == c.sft.steps)
             if stop:
                 print(f"preemption requested: saved step {step}, exiting", flush=True)
                 break
@@ -212,6 +212,21 @@ def train(c: ml_collections.ConfigDict, workdir: str) -> dict:
     guard.restore_handlers()
     run.params = params
     return metrics
+
+
+def global_batch(local: dict) -> dict:
+    """Every host reads its own share of the data; the host-side preparation (positions, vision indices,
+    rewards) then runs on the global batch, identically on every host, so gather the shares.
+
+    On one process this is the identity. On a pod the gathered batch is the global batch on every host
+    (it is then placed with each array's sharding, so each device keeps only its part).
+    """
+    if jax.process_count() == 1:
+        return local
+    from jax.experimental import multihost_utils
+
+    gathered = multihost_utils.process_allgather(local, tiled=True)
+    return jax.tree.map(np.asarray, gathered)
 
 
 def _preemption_sync(step: int) -> bool:

@@ -92,9 +92,11 @@ class VisionAttention(nnx.Module):
     qkv kernel float[D, 3D] whose output columns are [q; k; v], each head-major (A, H) as in HF.
     """
 
-    def __init__(self, cfg: VisionConfig, *, rngs: nnx.Rngs, dtype, param_dtype, query_chunk: int | None = None):
+    def __init__(self, cfg: VisionConfig, *, rngs: nnx.Rngs, dtype, param_dtype, query_chunk: int | None = None,
+                 attention_block: int | None = None):
         d = cfg.hidden_size
         self.num_heads, self.head_dim, self.dtype, self.query_chunk = cfg.num_heads, cfg.head_dim, dtype, query_chunk
+        self.attention_block = attention_block
         self.qkv = Dense(d, 3 * d, use_bias=True, logical_axes=("embed", "heads"), rngs=rngs, dtype=dtype,
                          param_dtype=param_dtype)
         self.proj = Dense(d, d, use_bias=True, logical_axes=("heads", "embed"), rngs=rngs, dtype=dtype,
@@ -108,21 +110,38 @@ class VisionAttention(nnx.Module):
         cos, sin = cos[:, None, :], sin[:, None, :]
         q = apply_rotary(q.astype(jnp.float32), cos, sin).astype(self.dtype)
         k = apply_rotary(k.astype(jnp.float32), cos, sin).astype(self.dtype)
-        out = segment_attention(q, k, v, segment_ids, query_chunk=self.query_chunk)  # float[N, A, H]
+        out = segment_attention(q, k, v, segment_ids, query_chunk=self.query_chunk,
+                                attention_block=self.attention_block)  # float[N, A, H]
         return self.proj(out.reshape(n, self.num_heads * self.head_dim))
 
 
 def segment_attention(q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.Array,
-                      query_chunk: int | None = None) -> jax.Array:
+                      query_chunk: int | None = None, attention_block: int | None = None) -> jax.Array:
     """Softmax attention of q, k, v float[N, A, H] where query i sees key j iff their segment ids match.
 
     Matches HF's eager path: logits in the compute dtype scaled by H^-0.5, softmax in float32, cast back.
     Padding rows (segment 0) only see each other, so every row has at least one key and stays finite.
     `query_chunk` bounds the float32[A, chunk, N] logits by looping over query blocks (`lax.map`);
     each row's result is the same as the dense computation. It must divide N.
+
+    `attention_block` is the fast path for batches of equally sized images: attention is computed inside
+    consecutive blocks of that many patches (float32[N/blk, A, blk, blk] logits instead of [A, N, N]).
+    It is exact when no segment crosses a block boundary, which holds when every image has exactly
+    `attention_block` patches (windows never cross images); `check_block_aligned` verifies it on the host.
     """
     n, _, h = q.shape
     scale = jnp.asarray(h ** -0.5, q.dtype)
+    if attention_block is not None and attention_block < n:
+        if n % attention_block:
+            raise ValueError(f"VisionTower attention_block={attention_block} must divide the padded patch count {n}")
+        nb = n // attention_block
+        qb, kb, vb = (x.reshape(nb, attention_block, *x.shape[1:]) for x in (q, k, v))  # float[nb, blk, A, H]
+        seg = segment_ids.reshape(nb, attention_block)
+        logits = jnp.einsum("bqah,bkah->baqk", qb, kb) * scale  # float[nb, A, blk, blk]
+        same = (seg[:, :, None] == seg[:, None, :])[:, None]  # bool[nb, 1, blk, blk]
+        logits = jnp.where(same, logits.astype(jnp.float32), jnp.finfo(jnp.float32).min)
+        probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
+        return jnp.einsum("baqk,bkah->bqah", probs, vb).reshape(q.shape)
 
     def attend(q_blk: jax.Array, seg_blk: jax.Array) -> jax.Array:
         logits = jnp.einsum("qah,kah->aqk", q_blk, k) * scale  # float[A, Q, N]
@@ -171,10 +190,11 @@ class VisionBlock(nnx.Module):
     """Pre-norm ViT block: x += attn(norm1(x)); x += mlp(norm2(x))."""
 
     def __init__(self, cfg: VisionConfig, family: str, *, rngs: nnx.Rngs, dtype, param_dtype,
-                 query_chunk: int | None = None):
+                 query_chunk: int | None = None, attention_block: int | None = None):
         self.norm1 = _norm(cfg, family, cfg.hidden_size, rngs, param_dtype)
         self.norm2 = _norm(cfg, family, cfg.hidden_size, rngs, param_dtype)
-        self.attn = VisionAttention(cfg, rngs=rngs, dtype=dtype, param_dtype=param_dtype, query_chunk=query_chunk)
+        self.attn = VisionAttention(cfg, rngs=rngs, dtype=dtype, param_dtype=param_dtype, query_chunk=query_chunk,
+                                    attention_block=attention_block)
         mlp = SwiGLU if family == QWEN25 else GeluMLP
         self.mlp = mlp(cfg, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
 
@@ -230,14 +250,15 @@ class VisionTower(nnx.Module):
     """
 
     def __init__(self, cfg: VisionConfig, family: str, *, rngs: nnx.Rngs, dtype=jnp.float32,
-                 param_dtype=jnp.float32, query_chunk: int | None = None):
+                 param_dtype=jnp.float32, query_chunk: int | None = None, attention_block: int | None = None):
         _check_family(family)
         self.cfg, self.family, self.dtype = cfg, family, dtype
         kw = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
         self.patch_embed = PatchEmbed(cfg, family, **kw)
         if family == QWEN3:
             self.pos_embed = LearnedPositions(cfg, rngs=rngs, param_dtype=param_dtype)
-        self.blocks = nnx.List([VisionBlock(cfg, family, query_chunk=query_chunk, **kw) for _ in range(cfg.depth)])
+        self.blocks = nnx.List([VisionBlock(cfg, family, query_chunk=query_chunk, attention_block=attention_block, **kw)
+                                for _ in range(cfg.depth)])
         if family == QWEN25:
             self.merger = Qwen25PatchMerger(cfg, **kw)
         else:
@@ -350,3 +371,17 @@ def nnx_to_hf(array: np.ndarray, transform: str, cfg: VisionConfig) -> np.ndarra
         return array.T.reshape(cfg.hidden_size, cfg.in_channels, cfg.temporal_patch_size, cfg.patch_size,
                                cfg.patch_size)
     raise ValueError(f"unknown vision parameter transform {transform!r}")
+
+
+def check_block_aligned(segment_ids: np.ndarray, block: int) -> None:
+    """Raises unless every segment of `segment_ids` int[N] lies inside one block of `block` patches
+    (the condition under which `segment_attention(..., attention_block=block)` is exact)."""
+    seg = np.asarray(segment_ids).reshape(-1)
+    if len(seg) % block:
+        raise ValueError(f"{len(seg)} patches are not a whole number of attention blocks of {block}")
+    blocks = seg.reshape(-1, block)
+    for s in np.unique(seg[seg != 0]):
+        rows = np.flatnonzero((blocks == s).any(axis=1))
+        if len(rows) != 1:
+            raise ValueError(f"vision segment {int(s)} spans attention blocks {rows.tolist()} of {block} patches: "
+                             "attention_block needs images of exactly that many patches")

@@ -122,10 +122,14 @@ class QwenVL(nnx.Module):
     """Qwen2.5-VL or Qwen3-VL (chosen by `cfg.family`); see the module docstring for the interface."""
 
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, dtype: DType = jnp.float32,
-                 param_dtype: DType = jnp.float32):
+                 param_dtype: DType = jnp.float32, vision_attention_block: int | None = None):
+        """`vision_attention_block`: when every image fed to the model has that many patches (a dataset of
+        one image size), the ViT attends inside per-image blocks instead of one masked [N, N] matrix;
+        same result, linear instead of quadratic in the number of images (see vision.segment_attention)."""
         self.cfg = cfg
         self.dtype = dtype
-        self.visual = VisionTower(cfg.vision, cfg.family, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
+        self.visual = VisionTower(cfg.vision, cfg.family, rngs=rngs, dtype=dtype, param_dtype=param_dtype,
+                                  attention_block=vision_attention_block)
         self.language_model = TextDecoder(cfg.text, tie_word_embeddings=cfg.tie_word_embeddings, rngs=rngs,
                                           dtype=dtype, param_dtype=param_dtype)
 
