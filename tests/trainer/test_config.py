@@ -1,0 +1,105 @@
+"""Config errors name the field: `config_validation.validate` (before anything is built) and
+`train.setup` (for what needs the devices or the preset), and the CLI exits non-zero with the field.
+
+The config under test is the trainer tests' tiny config (tests/trainer/tiny_config.py); each case breaks
+one field and checks that the error message starts with that field's dotted path.
+"""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from dig_jax import train
+from dig_jax.config_validation import ConfigError, validate
+from tests.trainer import tiny_config
+from tests.trainer.conftest import REPO
+
+NUM_DEVICES = 8
+
+
+def good():
+    return tiny_config.get_config("/nonexistent/*.array_record")
+
+
+def test_the_tiny_config_is_valid():
+    validate(good(), NUM_DEVICES)  # the baseline of every case below: only the broken field fails
+
+
+def _set(c, field, value):
+    *parents, leaf = field.split(".")
+    for p in parents:
+        c = c[p]
+    c[leaf] = value
+
+
+BROKEN = [
+    # (field to set, value, field named in the error)
+    ("mesh.fsdp", 3, "config.mesh"),  # 2 x 3 x 2 = 12 devices, 8 available
+    ("mesh.tensor", 0, "config.mesh.tensor"),
+    ("sft.batch_size", 6, "config.sft.batch_size"),  # 6 rows over data x fsdp = 4 shards
+    ("grpo.prompts_per_batch", 2, "config.grpo.prompts_per_batch"),
+    ("eval.batch_size", 0, "config.eval.batch_size"),
+    ("model.preset", "qwen9_vl_tiny", "config.model.preset"),
+    ("model.dtype", "float16", "config.model.dtype"),
+    ("model.param_dtype", "fp32", "config.model.param_dtype"),
+    ("model.preset", "qwen3_vl_8b", "config.model.init_checkpoint"),  # full size needs weights
+    ("grpo.group_size", 1, "config.grpo.group_size"),
+    ("grpo.num_minibatches", 3, "config.grpo.num_minibatches"),
+    ("grpo.top_p", 1.5, "config.grpo.top_p"),
+    ("reward.alpha", -0.1, "config.reward.alpha"),
+    ("data.on_corrupt", "ignore", "config.data.on_corrupt"),
+    ("data.train_files", "", "config.data.train_files"),
+    ("checkpoint.every", 0, "config.checkpoint.every"),
+    ("curriculum.phases", [], "config.curriculum.phases"),
+    ("curriculum.phases", [{"name": "a", "selection": [[[1], 1.0]], "max_steps": 0}],
+     "config.curriculum.phases[0].max_steps"),
+    ("curriculum.phases", [{"name": "a", "selection": [[[1], 1.0]], "max_steps": 2, "reward_thresold": 0.5}],
+     "config.curriculum.phases[0]: unknown field(s) ['reward_thresold']"),
+    ("curriculum.phases", [{"name": "a", "selection": [[[1], 1.0]], "max_steps": None},
+                           {"name": "b", "selection": [[[2], 1.0]], "max_steps": None}],
+     "config.curriculum.phases[0] ('a') would never end"),
+]
+
+
+@pytest.mark.parametrize("field,value,named", BROKEN, ids=lambda v: str(v)[:40])
+def test_validate_names_the_field(field, value, named):
+    c = good()
+    _set(c, field, value)
+    with pytest.raises(ConfigError) as e:
+        validate(c, NUM_DEVICES)
+    assert str(e.value).startswith(named), str(e.value)
+
+
+def test_group_size_one_is_fine_without_grpo():
+    c = good()
+    c.grpo.group_size, c.grpo.steps = 1, 0
+    c.grpo.prompts_per_batch = 4
+    validate(c, NUM_DEVICES)
+
+
+@pytest.mark.parametrize("field,value,named", [
+    ("mesh.num_devices", 9, "config.mesh.num_devices=9"),  # more than the 8 devices there are
+    ("model.overrides", {"text": {"hidden_sise": 64}, "vision": {}}, "config.model.overrides.text.hidden_sise"),
+    ("model.overrides", {"txt": {"hidden_size": 64}}, "config.model.overrides.txt"),
+], ids=["num_devices", "override_field", "override_section"])
+def test_setup_names_the_field(field, value, named, tmp_path):
+    """Errors that need the devices or the preset come from `train.setup`, before the model is built."""
+    c = good()
+    _set(c, field, value)
+    with pytest.raises(ValueError) as e:
+        train.setup(c, str(tmp_path))
+    assert str(e.value).startswith(named), str(e.value)
+
+
+def test_cli_exits_nonzero_naming_the_field(tmp_path):
+    env = dict(os.environ, PYTHONPATH=REPO)
+    proc = subprocess.run(
+        [sys.executable, "-m", "dig_jax.main", f"--config={REPO}/tests/trainer/tiny_config.py:/x/*.array_record",
+         f"--workdir={tmp_path}", "--config.grpo.group_size=1"],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=300, check=False)
+    assert proc.returncode != 0
+    assert "config.grpo.group_size" in proc.stderr, proc.stderr[-3000:]
+    assert not os.path.exists(os.path.join(tmp_path, "checkpoints")), "nothing may be written before validation"
