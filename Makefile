@@ -39,6 +39,7 @@ test-fast: venv
 bench: venv
 	$(VPY) benchmarks/render_throughput.py
 	$(VPY) benchmarks/model_vs_hf.py
+	$(VPY) benchmarks/train_step.py
 
 clean:
 	rm -rf $(VENV) demo_out .pytest_cache

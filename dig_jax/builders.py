@@ -163,14 +163,18 @@ def dataset_image_hw(pattern: str) -> tuple[int, int]:
 
 
 def example_builder(c: ml_collections.ConfigDict, family: str, tok_path: str, image_hw,
-                    keep_images: bool = False) -> ExampleBuilder:
-    """The per-example transform; the answer length is sized for `data.max_boxes` boxes."""
+                    keep_images: bool = False, answer_boxes: int | None = None) -> ExampleBuilder:
+    """The per-example transform; answers are padded for `answer_boxes` boxes (default data.max_boxes).
+
+    The supervised warm-up pads only for the most differences it reads (`sft.num_differences`), so a
+    one-difference warm-up does not score ~3x more padding than answer.
+    """
     spec = InputSpec(family=family, image_cfg=image_processor_config(c, family), prompt_text=c.data.prompt,
                      add_vision_id=bool(c.data.add_vision_id), label_mode=c.data.label,
                      max_boxes=int(c.data.max_boxes), prompt_bucket=int(c.data.prompt_bucket), answer_len=1,
                      keep_images=keep_images)
     probe = ExampleBuilder(spec, tok_path, image_hw, require_real_ids=not c.model.compact_tokenizer)
-    answer_len = max_answer_tokens(probe, int(c.data.max_boxes)) + 2
+    answer_len = max_answer_tokens(probe, int(answer_boxes or c.data.max_boxes)) + 2
     return ExampleBuilder(dataclasses.replace(spec, answer_len=answer_len), tok_path, image_hw,
                           require_real_ids=not c.model.compact_tokenizer)
 

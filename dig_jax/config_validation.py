@@ -105,6 +105,10 @@ def validate(c: ml_collections.ConfigDict, num_devices: int, num_processes: int 
         _fail("data.on_corrupt", f"{c.data.on_corrupt!r} is not 'error' or 'skip'")
     if (c.sft.steps or c.grpo.steps) and not c.data.train_files:
         _fail("data.train_files", "is empty: give a glob of ArrayRecord shards (python -m data_pipeline.generate)")
+    nd = tuple(c.sft.num_differences)
+    if not nd or any(not isinstance(n, int) or n < 0 for n in nd) or max(nd) > c.data.max_boxes:
+        _fail("sft.num_differences", f"{nd} must be non-negative difference counts <= data.max_boxes "
+                                     f"({c.data.max_boxes})")
     if not c.curriculum.phases and c.grpo.steps:
         _fail("curriculum.phases", "GRPO needs at least one phase")
     if c.curriculum.phases:

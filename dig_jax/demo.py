@@ -19,7 +19,7 @@ from ml_collections import config_flags
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/demo_cpu.py", "Training configuration.")
 _WORKDIR = flags.DEFINE_string("workdir", "demo_out", "Where data, checkpoints and the report go.")
-_TRAIN_PAIRS = flags.DEFINE_integer("num_train_pairs", 3000, "Rendered training pairs.")
+_TRAIN_PAIRS = flags.DEFINE_integer("num_train_pairs", 6000, "Rendered training pairs.")
 _EVAL_PAIRS = flags.DEFINE_integer("num_eval_pairs", 200, "Rendered held-out pairs (other seeds).")
 _WORKERS = flags.DEFINE_integer("workers", 2, "Rendering processes.")
 

@@ -82,7 +82,7 @@ def sft_step(graphdef, tx: optax.GradientTransformation, params, opt_state, prom
     TRACE_COUNTS["sft_step"] += 1
     (_, metrics), grads = jax.value_and_grad(sft_loss, argnums=1, has_aux=True)(
         graphdef, params, prompts, answers, chunk)
-    metrics["grad_norm"] = optax.global_norm(grads)
+    metrics["grad_norm"] = optax.tree.norm(grads)
     params, opt_state = _apply_updates(tx, params, opt_state, grads)
     return params, opt_state, metrics
 
@@ -106,7 +106,7 @@ def grpo_step(graphdef, tx: optax.GradientTransformation, params, opt_state, pro
     TRACE_COUNTS["grpo_step"] += 1
     (_, metrics), grads = jax.value_and_grad(grpo_objective, argnums=1, has_aux=True)(
         graphdef, params, prompts, completions, old_logp, ref_logp, advantages, loss_config, chunk)
-    metrics["grad_norm"] = optax.global_norm(grads)
+    metrics["grad_norm"] = optax.tree.norm(grads)
     params, opt_state = _apply_updates(tx, params, opt_state, grads)
     return params, opt_state, metrics
 

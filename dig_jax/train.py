@@ -17,12 +17,11 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
-from dig_jax import builders, checkpointing, grpo, rewards, rollout, sampling, steps
+from dig_jax import builders, checkpointing, grpo, rewards, rollout, sampling, sharding, steps
 from dig_jax.config_validation import validate
 from dig_jax.curriculum import Curriculum, CurriculumState
 from dig_jax.metrics_log import MetricsLogger
 from dig_jax.optim import make_optimizer
-from dig_jax import sharding
 
 
 @dataclasses.dataclass
@@ -36,7 +35,8 @@ class Run:
     graphdef: object
     params: object
     tokenizer: object
-    builder: object
+    builder: object  # GRPO prompts (answers sized for data.max_boxes)
+    sft_builder: object  # warm-up examples (answers sized for max(sft.num_differences))
     curriculum: Curriculum
 
 
@@ -52,10 +52,12 @@ def setup(c: ml_collections.ConfigDict, workdir: str) -> Run:
     mesh = builders.make_mesh(c)
     image_hw = builders.dataset_image_hw(c.data.train_files)
     builder = builders.example_builder(c, model_cfg.family, tok_path, image_hw)
+    sft_builder = builders.example_builder(c, model_cfg.family, tok_path, image_hw,
+                                           answer_boxes=max(c.sft.num_differences))
     with sharding.activate(mesh):
         model = builders.create_model(c, model_cfg, mesh, patches_per_image=builder.patches_per_image)
     graphdef, params = nnx.split(model, nnx.Param)
-    return Run(c, workdir, model_cfg, mesh, graphdef, params, tokenizer, builder,
+    return Run(c, workdir, model_cfg, mesh, graphdef, params, tokenizer, builder, sft_builder,
                Curriculum(list(c.curriculum.phases)))
 
 
@@ -87,11 +89,12 @@ def data_iterator(run: Run, stage: str, cur_state: CurriculumState):
     c = run.config
     if stage == "sft":
         selection = [(tuple(c.sft.num_differences), 1.0)]
-        batch, seed = c.sft.batch_size, c.seed * 1000 + 1
+        batch, seed, builder = c.sft.batch_size, c.seed * 1000 + 1, run.sft_builder
     else:
         selection = list(run.curriculum.phase(cur_state).mixture())
         batch, seed = c.grpo.prompts_per_batch, c.seed * 1000 + 100 + cur_state.phase_index
-    ds = builders.pair_dataset(c, c.data.train_files, run.builder, batch_size=batch, selection=selection, seed=seed)
+        builder = run.builder
+    ds = builders.pair_dataset(c, c.data.train_files, builder, batch_size=batch, selection=selection, seed=seed)
     return iter(ds)
 
 
@@ -112,6 +115,11 @@ def _filled(state: nnx.State, pure: dict) -> nnx.State:
     state = jax.tree.map(lambda x: x, state)
     nnx.replace_by_pure_dict(state, pure)
     return state
+
+
+def _uses_reference(c, stage: str) -> bool:
+    """GRPO with a KL term keeps a frozen copy of the policy as it entered GRPO."""
+    return stage == "grpo" and c.grpo.kl_coef > 0
 
 
 def _meta(step: int, cur_state: CurriculumState, stage: str) -> dict:
@@ -145,8 +153,7 @@ def train(c: ml_collections.ConfigDict, workdir: str) -> dict:
     stage = stage_of(c, min(step, total_steps - 1))
     tx = optimizer_for(c, stage, params)
     opt_state = init_optimizer_state(tx, params, run.mesh)
-    uses_reference = lambda stage_: stage_ == "grpo" and c.grpo.kl_coef > 0
-    reference = jax.tree.map(jnp.copy, params) if uses_reference(stage) else None
+    reference = jax.tree.map(jnp.copy, params) if _uses_reference(c, stage) else None
     data = data_iterator(run, stage, cur_state)
     if latest is not None:
         abstract = checkpointing.abstract_like(_arrays(params, opt_state, rng, reference))
@@ -174,7 +181,7 @@ def train(c: ml_collections.ConfigDict, workdir: str) -> dict:
                 stage = new_stage
                 tx = optimizer_for(c, stage, params)
                 opt_state = init_optimizer_state(tx, params, run.mesh)
-                reference = jax.tree.map(jnp.copy, params) if uses_reference(stage) else None
+                reference = jax.tree.map(jnp.copy, params) if _uses_reference(c, stage) else None
                 data = data_iterator(run, stage, cur_state)
             batch = global_batch(next(data))
             t_start = time.perf_counter()
@@ -235,8 +242,12 @@ def _preemption_sync(step: int) -> bool:
 
     try:
         return bool(multihost_utils.reached_preemption_sync_point(step))
-    except Exception:  # the preemption service is not running (jax.distributed without it)
+    except (RuntimeError, ValueError, AttributeError):  # no preemption service (jax.distributed without it)
         return False
+
+
+def _take_rows(x, rows: np.ndarray):
+    return None if x is None else jnp.take(x, jnp.asarray(rows), axis=0)
 
 
 def grpo_iteration(run: Run, tx, params, opt_state, reference, batch, key, sampling_config, reward_config,
@@ -251,8 +262,8 @@ def grpo_iteration(run: Run, tx, params, opt_state, reference, batch, key, sampl
     t0 = time.perf_counter()
     ref_logp = None
     if reference is not None:
-        ref_logp = steps.reference_logprobs(run.graphdef, reference, ro.prompts, ro.completions,
-                                            chunk=int(c.grpo.scoring_chunk))
+        ref_logp = jax.block_until_ready(steps.reference_logprobs(
+            run.graphdef, reference, ro.prompts, ro.completions, chunk=int(c.grpo.scoring_chunk)))
     ro.seconds["scoring"] += time.perf_counter() - t0
 
     t0 = time.perf_counter()
@@ -265,10 +276,9 @@ def grpo_iteration(run: Run, tx, params, opt_state, reference, batch, key, sampl
         if c.grpo.num_minibatches == 1:
             prompts, comps, old, ref, adv = ro.prompts, ro.completions, ro.old_logp, ref_logp, advantages
         else:
-            take = lambda x: None if x is None else jnp.take(x, jnp.asarray(rows), axis=0)
             prompts = rollout.select_rows(ro.prompts, rows)
-            comps = steps.Completions(take(ro.completions.tokens), take(ro.completions.mask))
-            old, ref, adv = take(ro.old_logp), take(ref_logp), take(advantages)
+            comps = steps.Completions(_take_rows(ro.completions.tokens, rows), _take_rows(ro.completions.mask, rows))
+            old, ref, adv = (_take_rows(x, rows) for x in (ro.old_logp, ref_logp, advantages))
         params, opt_state, out = steps.grpo_step(run.graphdef, tx, params, opt_state, prompts, comps, old, ref, adv,
                                                  loss_config, chunk=int(c.grpo.scoring_chunk))
         update_metrics.append(jax.device_get(out))

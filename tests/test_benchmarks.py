@@ -1,0 +1,116 @@
+"""Smoke tests of the model benchmarks: each script's main() on the tiny preset, plus the helpers.
+
+Timings are never asserted (they depend on the machine); what is checked is that the scripts run the
+code paths they claim (same logits as HF, same greedy tokens, the trainer's steps, the GPU section's
+FLOP accounting) and that the helpers compute what they say, against hand counts.
+"""
+import math
+import os
+import sys
+
+import numpy as np
+import pytest
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks"))
+import _common  # noqa: E402
+
+
+def _finite_positive(row, keys):
+    for k in keys:
+        assert isinstance(row[k], float) and math.isfinite(row[k]) and row[k] > 0, (k, row[k])
+
+
+# ----------------------------------------------------------------------------------------------------
+# helpers
+# ----------------------------------------------------------------------------------------------------
+
+def test_markdown_table_cells_and_missing_values():
+    table = _common.markdown_table([{"a": "x", "b": 0.123456}, {"a": "y"}], ["a", "b"], {"b": ".2f"})
+    assert table.splitlines() == ["| a | b |", "|---|---|", "| x | 0.12 |", "| y | - |"]
+
+
+def test_median_seconds_calls_warmup_then_repeats():
+    calls = []
+    median, times = _common.median_seconds(lambda: calls.append(1), repeats=3, warmup=2)
+    assert len(calls) == 5 and len(times) == 3 and median == sorted(times)[1]
+
+
+def test_matmul_params_and_flops_match_a_hand_count():
+    from flax import nnx
+
+    from dig_jax.models import config as C
+    from dig_jax.models.vlm import QwenVL
+
+    cfg = C.qwen2_5_vl_tiny(vocab_size=1000)
+    model = nnx.eval_shape(lambda: QwenVL(cfg, rngs=nnx.Rngs(0)))
+    counts = _common.matmul_params(model)
+    t, v = cfg.text, cfg.vision
+    d, f, h = t.hidden_size, t.intermediate_size, t.head_dim
+    q, kv = t.num_attention_heads * h, t.num_key_value_heads * h
+    layer = d * q + q + 2 * (d * kv + kv) + q * d + 3 * d * f + 2 * d  # q/k/v (+bias), o, MLP, 2 norms
+    assert counts["text_layers"] == t.num_hidden_layers * layer + d  # + the final norm
+    assert counts["lm_head"] == t.vocab_size * d  # tied: the embedding table, counted once as the head
+    w, vf = v.hidden_size, v.intermediate_size
+    block = 2 * w + 3 * w * w + 3 * w + w * w + w + 2 * (w * vf + vf) + vf * w + w  # norms, qkv, proj, SwiGLU
+    assert counts["vision_patch"] == v.depth * block + v.patch_dim * w  # patch embedding has no bias
+    m = w * v.spatial_merge_size**2
+    assert counts["vision_merged"] == w + m * m + m + m * d + d  # ln_q, two linears with biases
+    flops = _common.train_flops(counts, tokens=10, scored_tokens=3, patches=16, merge=2)
+    want = 6 * (counts["text_layers"] * 10 + counts["lm_head"] * 3 + counts["vision_patch"] * 16
+                + counts["vision_merged"] * 4)
+    assert flops == want
+
+
+def test_peak_flops_known_unknown_and_override():
+    class Dev:
+        def __init__(self, kind):
+            self.device_kind = kind
+
+    assert _common.peak_flops(Dev("NVIDIA H100 80GB HBM3"))[0] == 989e12
+    assert _common.peak_flops(Dev("cpu"))[0] is None
+    assert _common.peak_flops(Dev("cpu"), 2.0)[0] == 2e12
+
+
+def test_memory_bandwidth_probe_returns_rates():
+    bw = _common.memory_bandwidth_gbs(8 << 20, repeats=1)
+    assert all(np.isfinite(x) and x > 0 for x in bw.values()) and bw["best"] == max(bw["read"], bw["copy"])
+
+
+# ----------------------------------------------------------------------------------------------------
+# scripts
+# ----------------------------------------------------------------------------------------------------
+
+@pytest.mark.slow
+def test_model_vs_hf_quick_matches_hf_and_reports(capsys):
+    import model_vs_hf
+
+    out = model_vs_hf.main(["--quick"])
+    (row,) = out["cpu"]
+    assert row["preset"] == "qwen2_5_vl_tiny"
+    assert row["logits_max_diff"] < 1e-4  # same weights, same inputs: the same computation is timed
+    assert row["tokens_agree"] == "4/4"  # greedy generation agrees with HF generate()
+    assert row["prompt_len"] == 64 + 2 * (2 + 64)  # 64 text tokens + 2 x (vision start, 8x8 pads, vision end)
+    _finite_positive(row, ["fwd_ours_s", "fwd_hf_s", "gen_ours_s", "gen_hf_s", "weight_MB", "GBps_machine"])
+    assert abs(row["fwd_ratio"] - row["fwd_ours_s"] / row["fwd_hf_s"]) < 1e-12
+    assert "| qwen2_5_vl_tiny |" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_model_vs_hf_gpu_smoke_accounts_flops():
+    import model_vs_hf
+
+    (row,) = model_vs_hf.main(["--gpu-smoke", "--peak-tflops=1"])["gpu"]
+    assert row["dtype"] == "bfloat16" and row["rows"] == 2 and row["patches"] == 2 * 2 * 16  # 64px: 4x4 patches
+    _finite_positive(row, ["step_s", "tokens_per_s", "TFLOP/s"])
+    assert abs(row["MFU"] - row["TFLOP/s"] / 1.0) < 1e-9  # against the 1 TFLOP/s peak given
+
+
+@pytest.mark.slow
+def test_train_step_quick_runs_the_trainer_steps():
+    import train_step
+
+    (row,) = train_step.main(["--quick"])
+    assert (row["config"], row["rows"], row["G"], row["new_tokens"]) == ("qwen3_vl_tiny", 2, 2, 4)
+    assert 1 <= row["mean_len"] <= 4
+    _finite_positive(row, ["sft_s", "grpo_rollout_s", "grpo_scoring_s", "grpo_update_s", "grpo_total_s",
+                           "sft_TFLOPs", "update_TFLOPs"])
