@@ -87,7 +87,17 @@ def _table(results: dict[str, dict], keys: list[str]) -> str:
     return "\n".join(lines)
 
 
-def write_report(workdir: str, c, results: dict[str, dict], seconds: dict[str, float]) -> str:
+def grpo_reward_trend(metrics_file: str, window: int = 10) -> tuple[float, float] | None:
+    """Mean training reward of the first and of the last `window` GRPO iterations."""
+    rewards = [r["reward/mean"] for r in map(json.loads, open(metrics_file)) if "reward/mean" in r]
+    if len(rewards) < 2:
+        return None
+    k = max(1, min(window, len(rewards) // 2))
+    return sum(rewards[:k]) / k, sum(rewards[-k:]) / k
+
+
+def write_report(workdir: str, c, results: dict[str, dict], seconds: dict[str, float],
+                 trend: tuple[float, float] | None = None) -> str:
     keys = ["reward", "f1", "precision", "recall", "mean_iou", "count_accuracy", "format_rate",
             "by_num_differences/1/f1", "by_num_differences/1/mean_iou", "by_num_differences/2/f1"]
     kinds = sorted({k.split("/")[1] for r in results.values() for k in r if k.startswith("by_kind/")})
@@ -100,6 +110,8 @@ def write_report(workdir: str, c, results: dict[str, dict], seconds: dict[str, f
         f"iterations (group size {c.grpo.group_size}) through {len(c.curriculum.phases)} curriculum phases. "
         f"Held-out: {_EVAL_PAIRS.value} pairs from other seeds.", "",
         f"**Held-out F1@0.5 on one-difference pairs: {one_diff_f1:.3f}** (bar: 0.5).", "",
+        *([f"GRPO training reward, mean of the first vs the last iterations: {trend[0]:.3f} -> {trend[1]:.3f}.", ""]
+          if trend else []),
         "## Training curves", "", "![curves](curves.png)", "",
         "## Held-out metrics (greedy decoding)", "", _table(results, keys), "",
         "Recall by difference kind:", "", _table(results, [f"by_kind/{k}/recall" for k in kinds]), "",
@@ -143,7 +155,8 @@ def main(argv):
     shutil.copy(os.path.join(run_dir, "eval", f"step_{c.sft.steps + c.grpo.steps}", "predictions.png"),
                 os.path.join(workdir, "predictions.png"))
     plot_curves(os.path.join(run_dir, "metrics.jsonl"), os.path.join(workdir, "curves.png"), c.sft.steps)
-    path = write_report(workdir, c, results, seconds)
+    trend = grpo_reward_trend(os.path.join(run_dir, "metrics.jsonl"))
+    path = write_report(workdir, c, results, seconds, trend)
     print(f"report: {path}")
 
 
