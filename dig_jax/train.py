@@ -147,22 +147,31 @@ def train(c: ml_collections.ConfigDict, workdir: str) -> dict:
     rng = jax.random.key(c.seed)
     params = run.params
     latest = ckpt.latest_step()
+    saved_stage = None
     if latest is not None:
         meta = ckpt.read_meta(latest)
         step, cur_state = int(meta["step"]), run.curriculum.state_from_dict(meta["curriculum"])
+        saved_stage = meta["stage"]
     stage = stage_of(c, min(step, total_steps - 1))
     tx = optimizer_for(c, stage, params)
     opt_state = init_optimizer_state(tx, params, run.mesh)
     reference = jax.tree.map(jnp.copy, params) if _uses_reference(c, stage) else None
     data = data_iterator(run, stage, cur_state)
     if latest is not None:
-        abstract = checkpointing.abstract_like(_arrays(params, opt_state, rng, reference))
-        restored, _ = ckpt.restore(abstract, data, step=latest)
+        # A checkpoint taken at the last warm-up step holds the warm-up's optimiser and data position:
+        # GRPO then starts as an uninterrupted run would, with those fresh and its reference = params.
+        at_boundary = saved_stage != stage
+        saved_reference = None if at_boundary else reference
+        abstract = checkpointing.abstract_like(_arrays(params, opt_state, rng, saved_reference))
+        restored, _ = ckpt.restore(abstract, None if at_boundary else data, step=latest)
         train_state = restored["train_state"]
         params = _filled(params, restored["params"])
-        opt_state = train_state["opt_state"]
-        reference = _filled(params, train_state["reference"]) if "reference" in train_state else None
         rng = jax.random.wrap_key_data(train_state["rng"])
+        if at_boundary:
+            reference = jax.tree.map(jnp.copy, params) if _uses_reference(c, stage) else None
+        else:
+            opt_state = train_state["opt_state"]
+            reference = _filled(params, train_state["reference"]) if "reference" in train_state else None
         print(f"resumed from step {latest} ({stage}, phase {run.curriculum.phase(cur_state).name})", flush=True)
 
     loss_config = grpo.GRPOConfig(eps_low=c.grpo.eps_low, eps_high=c.grpo.eps_high, kl_coef=c.grpo.kl_coef)

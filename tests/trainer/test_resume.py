@@ -140,3 +140,27 @@ def test_missing_checkpoint_names_the_directory(tmp_path, config):
     tok = builders.load_run_tokenizer(c, builders.tokenizer_path(c, str(tmp_path), builders.model_family(c)))
     with pytest.raises(checkpointing.MissingCheckpointError, match=directory):
         builders.restore_model(c, str(tmp_path), builders.model_config_from(c, tok), builders.make_mesh(c), step=3)
+
+
+@pytest.mark.slow
+def test_resume_at_the_warmup_grpo_boundary_equals_uninterrupted(single_run, train_files, tmp_path, monkeypatch):
+    """Stopped right after the last warm-up step, whose checkpoint holds the warm-up's optimiser and data
+    stream: the restart must begin GRPO exactly as the uninterrupted run did."""
+    c = single_device(tiny_config.get_config(train_files))
+    workdir = str(tmp_path / "boundary")
+    recorded = install_textual_reward(monkeypatch)
+    with monkeypatch.context() as mp:
+        mp.setattr(train.checkpointing, "PreemptionGuard", lambda: StopAfter(c.sft.steps))
+        run_training(c, workdir, recorded)
+    assert [m["step"] for m in read_metrics(workdir)] == list(range(1, c.sft.steps + 1))
+    resumed = run_training(c, workdir, recorded)
+    assert [m["step"] for m in resumed.metrics] == [1, 2, 3, 4]
+    for got, want in zip(resumed.metrics, single_run.metrics):
+        assert got["phase"] == want["phase"]
+        for key, value in want.items():
+            if key != "phase" and not key.startswith("time"):
+                np.testing.assert_allclose(got[key], value, rtol=1e-6, err_msg=f"step {want['step']} {key}")
+    assert recorded.texts == single_run.recorded.texts
+    want, got = final_params(single_run), final_params(resumed)
+    for path, value in want.items():
+        np.testing.assert_allclose(got[path], value, rtol=1e-6, atol=1e-7, err_msg=path)
