@@ -88,7 +88,7 @@ def _png(image: np.ndarray, name: str) -> bytes:
     Written by hand rather than by Pillow because Pillow picks a filter per row adaptively (mostly Paeth):
     for these renders (flat shading, a checkered table) unfiltered rows deflate smaller (136 vs 153 KB
     for a 448 px image) and encode (6 vs 15 ms) and decode (3.3 vs 5.4 ms) faster. Any PNG reader
-    decodes it; `decode` uses Pillow.
+    decodes it; `decode` inflates this layout directly and hands any other PNG to Pillow.
     """
     image = np.asarray(image)
     if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3 or 0 in image.shape:
@@ -173,7 +173,34 @@ def read_header(record: bytes, *, verify_crc: bool = False) -> dict:
     return _split(record, verify_crc)[0]
 
 
+def _unpng_unfiltered(data: memoryview, height: int, width: int) -> np.ndarray | None:
+    """Fast path for the PNGs `_png` writes (one IDAT, 8-bit RGB, every row filter 0): inflate and drop
+    the filter bytes, without Pillow (about half of a pair's decode time at 448 px). Returns None for any
+    other PNG layout, which then goes through Pillow. The record's CRC already covers these bytes."""
+    header = _PNG_SIGNATURE + _png_chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0))
+    if bytes(data[:len(header)]) != header or bytes(data[len(header) + 4:len(header) + 8]) != b"IDAT":
+        return None
+    (length,) = struct.unpack(">I", data[len(header):len(header) + 4])
+    start = len(header) + 8
+    if bytes(data[start + length + 4:]) != _png_chunk(b"IEND", b""):
+        return None
+    try:
+        raw = zlib.decompress(data[start:start + length])
+    except zlib.error:
+        return None
+    rows = np.frombuffer(raw, np.uint8)
+    if rows.size != height * (1 + 3 * width):
+        return None
+    rows = rows.reshape(height, 1 + 3 * width)
+    if rows[:, 0].any():
+        return None
+    return rows[:, 1:].reshape(height, width, 3)
+
+
 def _unpng(data: memoryview, name: str, height: int, width: int) -> np.ndarray:
+    fast = _unpng_unfiltered(data, height, width)
+    if fast is not None:
+        return fast
     try:
         with Image.open(io.BytesIO(data)) as im:
             if im.format != "PNG" or im.mode != "RGB":

@@ -47,9 +47,14 @@ def prompt_batch(cfg: ModelConfig, batch: dict, *, group_size: int = 1, mesh: Me
     # distinct images and their vision inputs are replicated (the tower sees every image).
     out = _place({"input_ids": pb.input_ids, "attention_mask": pb.attention_mask,
                   "rope_deltas": pb.rope_deltas, "feature_index": pb.feature_index}, mesh)
-    position_ids = (jax.numpy.asarray(pb.position_ids) if mesh is None else jax.device_put(
-        pb.position_ids, NamedSharding(mesh, sharding.logical_to_spec((None, "batch", None), mesh=mesh))))
     replicated = None if mesh is None else NamedSharding(mesh, PartitionSpec())
+    if mesh is None:
+        position_ids = jax.numpy.asarray(pb.position_ids)
+    else:  # int32[3, B, L]: the batch is axis 1 (replicated when it does not divide, e.g. a last eval batch)
+        rows = pb.position_ids.shape[1]
+        divides = rows % (mesh.shape["data"] * mesh.shape["fsdp"]) == 0
+        spec = sharding.logical_to_spec((None, "batch", None), mesh=mesh) if divides else PartitionSpec()
+        position_ids = jax.device_put(pb.position_ids, NamedSharding(mesh, spec))
     put = (lambda x: jax.numpy.asarray(x)) if mesh is None else (lambda x: jax.device_put(np.asarray(x), replicated))
     return sampling.PromptBatch(
         input_ids=out["input_ids"], attention_mask=out["attention_mask"], position_ids=position_ids,

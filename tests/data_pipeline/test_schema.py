@@ -166,3 +166,21 @@ def test_png_is_standard_and_lossless():
             np.testing.assert_array_equal(np.asarray(im), image)
     with pytest.raises(schema.SchemaError, match="image_b must be uint8"):
         schema._png(np.zeros((0, 4, 3), np.uint8), "image_b")
+
+
+def test_fast_png_path_equals_pillow_and_other_pngs_still_decode():
+    import io
+
+    from PIL import Image
+
+    rng = np.random.default_rng(7)
+    image = rng.integers(0, 256, (13, 17, 3), dtype=np.uint8)
+    ours = schema._png(image, "image_a")
+    fast = schema._unpng_unfiltered(memoryview(ours), 13, 17)
+    with Image.open(io.BytesIO(ours)) as im:
+        np.testing.assert_array_equal(fast, np.asarray(im))
+    # A PNG written by Pillow (adaptive filters) takes the Pillow path and decodes the same pixels.
+    buf = io.BytesIO()
+    Image.fromarray(image).save(buf, format="PNG")
+    assert schema._unpng_unfiltered(memoryview(buf.getvalue()), 13, 17) is None
+    np.testing.assert_array_equal(schema._unpng(memoryview(buf.getvalue()), "image_a", 13, 17), image)
