@@ -9,10 +9,11 @@ import json
 import os
 import shutil
 
+from dig_jax import builders, evaluate, hf_io, rewards
+from dig_jax.train import global_batch
+
 
 def run_eval(c, workdir: str) -> dict:
-    from dig_jax import builders, evaluate, rewards
-
     tok_path = builders.tokenizer_path(c, workdir, builders.model_family(c))
     tokenizer = builders.load_run_tokenizer(c, tok_path)
     model_cfg = builders.model_config_from(c, tokenizer)
@@ -22,8 +23,6 @@ def run_eval(c, workdir: str) -> dict:
                                        keep_images=True)
     model, step = builders.restore_model(c, workdir, model_cfg, mesh, c.eval.checkpoint_step,
                                          patches_per_image=builder.patches_per_image)
-    from dig_jax.train import global_batch
-
     local = builders.pair_dataset(c, files, builder, batch_size=c.eval.batch_size, selection=None, seed=c.seed,
                                   shuffle=False, num_epochs=1)
     batches = (global_batch(b) for b in local)  # every host scores the global batch
@@ -40,8 +39,6 @@ def run_eval(c, workdir: str) -> dict:
 
 
 def run_export(c, workdir: str, export_dir: str | None) -> str:
-    from dig_jax import builders, hf_io
-
     tok_path = builders.tokenizer_path(c, workdir, builders.model_family(c))
     tokenizer = builders.load_run_tokenizer(c, tok_path)
     model_cfg = builders.model_config_from(c, tokenizer)
