@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from dig_jax import grpo, sharding
+from dig_jax import grpo, sharding, sft
 from dig_jax.sampling import PromptBatch, score_completions
 
 # Incremented at trace time; a test asserts that each step compiles once.
@@ -68,11 +68,8 @@ def sft_loss(graphdef: nnx.GraphDef, params: nnx.State, prompts: PromptBatch, an
     """Mean negative log-likelihood over answer tokens only: prompt and image positions never enter."""
     model = nnx.merge(graphdef, params)
     logp, _ = score_completions(model, prompts, answers.tokens, answers.mask, chunk=chunk)
-    mask = answers.mask.astype(jnp.float32)
-    n_tokens = jnp.maximum(mask.sum(), 1.0)
-    loss = -jnp.sum(logp * mask) / n_tokens
-    # Exact-match accuracy per token is not available from log-probs alone; the mean log-prob is.
-    return loss, {"loss": loss, "answer_tokens": mask.sum(), "token_nll": loss}
+    loss, metrics = sft.sft_loss(lambda _: logp, answers.tokens, answers.mask)
+    return loss, {"loss": loss, "answer_tokens": metrics["num_tokens"], "token_nll": loss}
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "tx", "chunk"), donate_argnames=("params", "opt_state"))

@@ -42,6 +42,18 @@ class StopAfter(checkpointing.PreemptionGuard):
         return self._polls_left <= 0
 
 
+def assert_same_metrics_and_params(resumed, reference) -> None:
+    """Every logged number (timings aside) and the final parameters of `resumed` equal `reference`'s."""
+    for got, want in zip(resumed.metrics, reference.metrics):
+        assert got["phase"] == want["phase"]
+        for key, value in want.items():
+            if key != "phase" and not key.startswith("time"):
+                np.testing.assert_allclose(got[key], value, rtol=1e-6, err_msg=f"step {want['step']} {key}")
+    want, got = final_params(reference), final_params(resumed)
+    for path, value in want.items():
+        np.testing.assert_allclose(got[path], value, rtol=1e-6, atol=1e-7, err_msg=path)
+
+
 @pytest.mark.slow
 def test_kill_and_resume_equals_uninterrupted(single_run, train_files, tmp_path, monkeypatch):
     c = single_device(tiny_config.get_config(train_files))
@@ -59,20 +71,11 @@ def test_kill_and_resume_equals_uninterrupted(single_run, train_files, tmp_path,
     # Restarted: the loop resumes from step 3 and does step 4.
     resumed = run_training(c, workdir, recorded)
     assert [m["step"] for m in resumed.metrics] == [1, 2, 3, 4]
-    # Every logged number of the resumed run is the uninterrupted run's (timings aside).
-    for got, want in zip(resumed.metrics, single_run.metrics):
-        assert got["phase"] == want["phase"]
-        for key, value in want.items():
-            if key != "phase" and not key.startswith("time"):
-                np.testing.assert_allclose(got[key], value, rtol=1e-6, err_msg=f"step {want['step']} {key}")
     # The same samples in the GRPO step after the restart (same RNG key, same prompts) ...
     assert recorded.texts == single_run.recorded.texts
     assert recorded.num_differences == single_run.recorded.num_differences
-    # ... and the same final parameters.
-    want = final_params(single_run)
-    got = final_params(resumed)
-    for path, value in want.items():
-        np.testing.assert_allclose(got[path], value, rtol=1e-6, atol=1e-7, err_msg=path)
+    # ... every logged number (timings aside) and the same final parameters.
+    assert_same_metrics_and_params(resumed, single_run)
 
 
 def _lines(path: str) -> int:
@@ -155,12 +158,5 @@ def test_resume_at_the_warmup_grpo_boundary_equals_uninterrupted(single_run, tra
     assert [m["step"] for m in read_metrics(workdir)] == list(range(1, c.sft.steps + 1))
     resumed = run_training(c, workdir, recorded)
     assert [m["step"] for m in resumed.metrics] == [1, 2, 3, 4]
-    for got, want in zip(resumed.metrics, single_run.metrics):
-        assert got["phase"] == want["phase"]
-        for key, value in want.items():
-            if key != "phase" and not key.startswith("time"):
-                np.testing.assert_allclose(got[key], value, rtol=1e-6, err_msg=f"step {want['step']} {key}")
     assert recorded.texts == single_run.recorded.texts
-    want, got = final_params(single_run), final_params(resumed)
-    for path, value in want.items():
-        np.testing.assert_allclose(got[path], value, rtol=1e-6, atol=1e-7, err_msg=path)
+    assert_same_metrics_and_params(resumed, single_run)
