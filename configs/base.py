@@ -22,6 +22,10 @@ def get_config(arg=None):
     c.model.compact_tokenizer = False
     c.model.param_dtype = "float32"  # float32 | bfloat16
     c.model.dtype = "float32"  # computation dtype: float32 | bfloat16
+    # Random init only, Qwen3-VL only: "normal" = HF's N(0, 0.02) for the ViT's learned position table;
+    # "sincos" = a 2-D sinusoidal start (a from-scratch model then sees absolute positions at once; see
+    # dig_jax.models.vision.sincos_position_table). Ignored when loading init_checkpoint.
+    c.model.vision_position_init = "normal"
     c.model.freeze_vision = False  # train only the decoder (and merger, see below)
     # Field overrides of the preset, e.g. {"text": {"num_hidden_layers": 4}}: small variants for tests/demos.
     c.model.overrides = ml_collections.ConfigDict({"text": {}, "vision": {}})

@@ -39,6 +39,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.kind_weights = ml_collections.config_dict.placeholder(tuple)  # same length as kinds, or None = uniform
     c.shadows = False  # shadow casting by the key light; validation then masks the changed objects' shadows
     c.camera_jitter = True  # per-scene jitter of camera azimuth/elevation/distance/look-at and light direction
+    c.camera_fovy = 42.0  # degrees; lower zooms in (pair with a smaller placement_radius to keep objects in view)
     # Geometry (metres): objects are placed inside a disc of this radius centred on the table.
     c.placement_radius = 0.42
     c.min_gap = 0.02  # minimum distance between the bounding circles of two objects
@@ -92,6 +93,8 @@ def validate(c: ml_collections.ConfigDict) -> None:
             )
     if not isinstance(c.shadows, bool):
         fail("shadows", "must be a bool")
+    if not isinstance(c.camera_fovy, (int, float)) or not 10.0 <= c.camera_fovy <= 60.0:
+        fail("camera_fovy", "must be a number of degrees in [10, 60]")
     if not 0.1 <= c.placement_radius <= 0.5:
         fail("placement_radius", "must be in [0.1, 0.5] metres (the camera frames about 0.45 m around the centre)")
     if c.min_gap < 0:

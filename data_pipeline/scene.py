@@ -51,6 +51,7 @@ class SceneSettings:
     min_gap: float = 0.02
     placement_tries: int = 60
     camera_jitter: bool = True
+    camera_fovy: float = 42.0  # vertical field of view in degrees: smaller zooms in (bigger objects)
 
     @classmethod
     def from_config(cls, config) -> "SceneSettings":
@@ -147,8 +148,11 @@ def place(rng: np.random.Generator, attrs: dict, others: list[dict], settings: S
     return None
 
 
-def sample_view(rng: np.random.Generator, jitter: bool) -> dict:
-    """Camera, key light and table tint; jittered per scene (shared by both images of a pair)."""
+def sample_view(rng: np.random.Generator, jitter: bool, fovy: float = 42.0) -> dict:
+    """Camera, key light and table tint; jittered per scene (shared by both images of a pair).
+
+    `fovy` is not jittered: it sets the scale of the whole dataset (42 degrees frames the table; the CPU
+    demo zooms in so that objects span a few vision patches)."""
     j = (lambda lo, hi: float(rng.uniform(lo, hi))) if jitter else (lambda lo, hi: 0.5 * (lo + hi))
     return {
         "camera": {
@@ -156,7 +160,7 @@ def sample_view(rng: np.random.Generator, jitter: bool) -> dict:
             "azimuth": j(-110.0, -70.0),
             "elevation": j(-62.0, -48.0),
             "distance": j(1.32, 1.45),
-            "fovy": 42.0,
+            "fovy": float(fovy),
         },
         "light": {"azimuth": j(-160.0, -20.0), "elevation": j(-65.0, -45.0)},
         "table": {"rgb": [j(0.85, 1.0), j(0.8, 0.95), j(0.75, 0.9)]},
@@ -165,7 +169,7 @@ def sample_view(rng: np.random.Generator, jitter: bool) -> dict:
 
 def sample_scene(rng: np.random.Generator, settings: SceneSettings, max_layouts: int = 50) -> dict:
     """Draws a scene spec; raises PlacementError if `max_layouts` layouts in a row fail to place."""
-    view = sample_view(rng, settings.camera_jitter)
+    view = sample_view(rng, settings.camera_jitter, settings.camera_fovy)
     n = int(rng.integers(settings.min_objects, settings.max_objects + 1))
     for _ in range(max_layouts):
         objects: list[dict] = []

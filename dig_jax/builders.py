@@ -20,6 +20,7 @@ from dig_jax import hf_io, sharding
 from dig_jax.config_validation import mesh_shape
 from dig_jax.inputs import ExampleBuilder, InputSpec, max_answer_tokens
 from dig_jax.models import config as model_config
+from dig_jax.models.vision import sincos_position_table
 from dig_jax.models.vlm import QwenVL
 from dig_jax.processing import (ImageProcessorConfig, build_tiny_tokenizer, load_tokenizer,
                                 special_token_ids)
@@ -125,8 +126,17 @@ def model_constructor(c: ml_collections.ConfigDict, cfg: model_config.ModelConfi
     (`QwenVL(vision_attention_block=...)`), which is exact and much cheaper for large batches.
     """
     dtype, param_dtype = DTYPES[c.model.dtype], DTYPES[c.model.param_dtype]
-    return lambda: QwenVL(cfg, rngs=nnx.Rngs(seed), dtype=dtype, param_dtype=param_dtype,
-                          vision_attention_block=patches_per_image)
+    sincos_positions = c.model.vision_position_init == "sincos" and not c.model.init_checkpoint
+
+    def construct() -> QwenVL:
+        model = QwenVL(cfg, rngs=nnx.Rngs(seed), dtype=dtype, param_dtype=param_dtype,
+                       vision_attention_block=patches_per_image)
+        if sincos_positions:  # Qwen3-VL's learned ViT position table (config validation checks the family)
+            table = sincos_position_table(cfg.vision.num_position_embeddings, cfg.vision.hidden_size)
+            model.visual.pos_embed.weight.set_value(jnp.asarray(table, param_dtype))
+        return model
+
+    return construct
 
 
 def create_model(c: ml_collections.ConfigDict, cfg: model_config.ModelConfig, mesh,

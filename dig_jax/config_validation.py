@@ -64,6 +64,11 @@ def validate(c: ml_collections.ConfigDict, num_devices: int, num_processes: int 
     if not c.model.init_checkpoint and not c.model.preset.endswith("_tiny"):
         _fail("model.init_checkpoint", f"preset {c.model.preset!r} is full-size: give an HF checkpoint directory "
                                        "(random init is for the tiny presets only)")
+    if c.model.vision_position_init not in ("normal", "sincos"):
+        _fail("model.vision_position_init", f"{c.model.vision_position_init!r} is not 'normal' or 'sincos'")
+    if c.model.vision_position_init == "sincos" and not c.model.preset.startswith("qwen3_vl"):
+        _fail("model.vision_position_init", f"'sincos' initialises Qwen3-VL's learned position table; preset "
+                                            f"{c.model.preset!r} has none")
     data, fsdp, _ = mesh_shape(c, num_devices)
     batch_axes = data * fsdp
     in_use = {"sft.batch_size": c.sft.steps > 0, "grpo.prompts_per_batch": c.grpo.steps > 0, "eval.batch_size": True}

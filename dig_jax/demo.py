@@ -31,6 +31,7 @@ def datagen_config(c):
     g = datagen.get_config(str(c.demo.resolution))
     g.num_differences_min, g.num_differences_max = 1, 2
     g.min_objects, g.max_objects = c.demo.min_objects, c.demo.max_objects
+    g.camera_fovy, g.placement_radius = c.demo.camera_fovy, c.demo.placement_radius
     g.kinds = tuple(c.demo.kinds)
     return g
 

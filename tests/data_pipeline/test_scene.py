@@ -91,6 +91,7 @@ def test_impossible_layout_raises_placement_error():
         ("move_distance", (0.2, 0.1)),
         ("max_attempts", 0),
         ("placement_radius", 2.0),
+        ("camera_fovy", 5.0),
     ],
 )
 def test_bad_config_names_the_field(field, value):
@@ -188,3 +189,18 @@ def test_labels_are_exact_whatever_the_antialiasing():
 def test_unknown_preset_is_a_clear_error():
     with pytest.raises(ValueError, match="not a resolution preset"):
         datagen.get_config("huge")
+
+
+def test_field_of_view_sets_the_scene_scale():
+    """camera_fovy reaches the spec unjittered; a narrower view renders the same object larger."""
+    settings = scene.SceneSettings(min_objects=1, max_objects=1, placement_radius=0.12, camera_fovy=18.0)
+    spec = scene.sample_scene(np.random.default_rng(3), settings)
+    assert spec["camera"]["fovy"] == 18.0
+    wide = {**spec, "camera": {**spec["camera"], "fovy": 42.0}}
+    boxes = {}
+    for name, s in (("narrow", spec), ("wide", wide)):
+        corners = scene.bounding_corners(s["objects"][0])
+        uv = render.project(s["camera"], 128, corners)
+        boxes[name] = np.ptp(uv, axis=0)
+    ratio = math.tan(math.radians(21.0)) / math.tan(math.radians(9.0))
+    np.testing.assert_allclose(boxes["narrow"] / boxes["wide"], ratio, rtol=0.05)

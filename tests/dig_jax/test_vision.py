@@ -333,3 +333,34 @@ def test_sharded_forward_equals_single_device(towers):
     assert rel_err(out, ref) < 1e-5  # sharded matmuls sum in another order: float32 rounding only
     for d, r in zip(deep, ref_deep):
         assert rel_err(d, r) < 1e-5
+
+
+def test_sincos_position_table_encodes_row_and_column():
+    """Quarters: sin/cos of the row, then of the column; patches of one row share the row quarters."""
+    from dig_jax.models.vision import sincos_position_table
+
+    table = sincos_position_table(64, 32).reshape(8, 8, 32)  # side 8, 8 frequencies per quarter
+    rows, cols = table[..., :16], table[..., 16:]
+    np.testing.assert_allclose(rows, np.broadcast_to(rows[:, :1], rows.shape), atol=1e-7)  # same along a row
+    np.testing.assert_allclose(cols, np.broadcast_to(cols[:1], cols.shape), atol=1e-7)  # same down a column
+    np.testing.assert_allclose(table[3, 5, 0], np.sin(3 * np.pi / 16), rtol=1e-6)  # row 3, lowest frequency
+    np.testing.assert_allclose(table[3, 5, 24], np.cos(5 * np.pi / 16), rtol=1e-6)  # column 5
+    assert len({tuple(np.round(v, 5)) for v in table.reshape(64, 32)}) == 64  # every position distinct
+    with pytest.raises(ValueError, match="square number"):
+        sincos_position_table(48, 32)
+
+
+def test_sincos_init_reaches_the_constructed_model():
+    """The model constructor of the trainer starts the table from the sinusoid when the config asks."""
+    from configs import demo_cpu
+    from dig_jax import builders
+    from dig_jax.models.vision import sincos_position_table
+
+    c = demo_cpu.get_config()
+    preset = model_config.preset("qwen3_vl_tiny")
+    cfg = dataclasses.replace(preset, vision=dataclasses.replace(preset.vision, num_position_embeddings=64))
+    table = np.asarray(builders.model_constructor(c, cfg)().visual.pos_embed.weight.get_value())
+    np.testing.assert_array_equal(table, sincos_position_table(64, cfg.vision.hidden_size))
+    c.model.vision_position_init = "normal"  # HF's N(0, 0.02)
+    plain = np.asarray(builders.model_constructor(c, cfg)().visual.pos_embed.weight.get_value())
+    assert abs(plain.std() - 0.02) < 0.005

@@ -45,6 +45,7 @@ BROKEN = [
     ("model.preset", "qwen9_vl_tiny", "config.model.preset"),
     ("model.dtype", "float16", "config.model.dtype"),
     ("model.param_dtype", "fp32", "config.model.param_dtype"),
+    ("model.vision_position_init", "uniform", "config.model.vision_position_init"),
     ("model.preset", "qwen3_vl_8b", "config.model.init_checkpoint"),  # full size needs weights
     ("grpo.group_size", 1, "config.grpo.group_size"),
     ("grpo.num_minibatches", 3, "config.grpo.num_minibatches"),
