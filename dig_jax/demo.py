@@ -14,7 +14,7 @@ import json
 import os
 import time
 
-from absl import app, flags
+from absl import app, flags, logging
 from ml_collections import config_flags
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/demo_cpu.py", "Training configuration.")
@@ -134,6 +134,8 @@ def main(argv):
     from dig_jax import modes
     from dig_jax import train
 
+    # Orbax logs every save at INFO; the demo's own progress lines (print) are what a reader wants.
+    logging.set_verbosity(logging.WARNING)
     c = _CONFIG.value
     workdir = os.path.abspath(_WORKDIR.value)
     os.makedirs(workdir, exist_ok=True)
