@@ -8,8 +8,8 @@
 What differs from the paper's setting, and why: the model is tiny and randomly initialised (no
 downloads), so it first learns the answer format and the task from a supervised warm-up on rendered
 one-difference pairs with known boxes; GRPO then continues through a two-phase curriculum (one
-difference, then one or two). Images are rendered at 128 px, a close-up of 2-3 objects, with the most visible kinds
-(add, remove, color), and kept at 128 px by the processor (min_pixels lowered from Qwen3-VL's 256^2):
+difference, then one or two). Images are rendered at 128 px, a close-up of 2-3 objects, with the most
+visible kinds (add, remove, color), and kept at 128 px by the processor (min_pixels lowered from Qwen3-VL's 256^2):
 8x8 patches of 16 px, 16 merged tokens per image. The tokenizer is the compact variant (special tokens
 right after the 1k BPE tokens), so the output layer is 1.2k wide instead of 152k.
 """
