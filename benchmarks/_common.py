@@ -6,6 +6,7 @@ otherwise asynchronous dispatch would time only the launch.
 """
 from __future__ import annotations
 
+import json
 import os
 import statistics
 import time
@@ -139,3 +140,10 @@ def peak_flops(device, override_tflops: float | None = None) -> tuple[float | No
         if name in kind:
             return flops, f"{flops / 1e12:g} TFLOP/s dense bf16 ({name.upper()} SXM datasheet) for '{device.device_kind}'"
     return None, f"unknown for '{device.device_kind}' (pass --peak-tflops)"
+
+
+def write_json(path: str | None, obj) -> None:
+    """Writes the benchmark's rows to `path` (the --json flag) when one is given."""
+    if path:
+        with open(path, "w") as f:
+            json.dump(obj, f, indent=2, default=str)

@@ -37,7 +37,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import functools
-import json
 import os
 import sys
 import tempfile
@@ -340,9 +339,7 @@ def main(argv=None) -> dict[str, list[dict]]:
         out["gpu"].append(row)
         print(f"\n## bfloat16 forward + backward (SFT loss), {_common.machine_line()}")
         print(_common.markdown_table(out["gpu"], GPU_COLUMNS, {"MFU": ".1%"}))
-    if a.json:
-        with open(a.json, "w") as f:
-            json.dump(out, f, indent=2, default=str)
+    _common.write_json(a.json, out)
     return out
 
 

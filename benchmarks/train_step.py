@@ -26,7 +26,6 @@ of the SFT step and of the GRPO update (6 x parameters x tokens, see `_common.tr
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
@@ -275,9 +274,7 @@ def main(argv=None) -> list[dict]:
     print(_common.markdown_table(rows, COLUMNS))
     print(f"\nachieved model TFLOP/s (6 x matmul parameters x tokens) and utilisation; peak: {rows[0]['peak']}")
     print(_common.markdown_table(rows, MFU_COLUMNS, {"sft_MFU": ".1%", "update_MFU": ".1%"}))
-    if a.json:
-        with open(a.json, "w") as f:
-            json.dump(rows, f, indent=2, default=str)
+    _common.write_json(a.json, rows)
     return rows
 
 

@@ -117,9 +117,9 @@ def _filled(state: nnx.State, pure: dict) -> nnx.State:
     return state
 
 
-def _uses_reference(c, stage: str) -> bool:
-    """GRPO with a KL term keeps a frozen copy of the policy as it entered GRPO."""
-    return stage == "grpo" and c.grpo.kl_coef > 0
+def _fresh_reference(c, stage: str, params):
+    """GRPO with a KL term keeps a frozen copy of the policy as it entered GRPO; otherwise None."""
+    return jax.tree.map(jnp.copy, params) if stage == "grpo" and c.grpo.kl_coef > 0 else None
 
 
 def _meta(step: int, cur_state: CurriculumState, stage: str) -> dict:
@@ -155,7 +155,7 @@ def train(c: ml_collections.ConfigDict, workdir: str) -> dict:
     stage = stage_of(c, min(step, total_steps - 1))
     tx = optimizer_for(c, stage, params)
     opt_state = init_optimizer_state(tx, params, run.mesh)
-    reference = jax.tree.map(jnp.copy, params) if _uses_reference(c, stage) else None
+    reference = _fresh_reference(c, stage, params)
     data = data_iterator(run, stage, cur_state)
     if latest is not None:
         # A checkpoint taken at the last warm-up step holds the warm-up's optimiser and data position:
@@ -168,7 +168,7 @@ def train(c: ml_collections.ConfigDict, workdir: str) -> dict:
         params = _filled(params, restored["params"])
         rng = jax.random.wrap_key_data(train_state["rng"])
         if at_boundary:
-            reference = jax.tree.map(jnp.copy, params) if _uses_reference(c, stage) else None
+            reference = _fresh_reference(c, stage, params)
         else:
             opt_state = train_state["opt_state"]
             reference = _filled(params, train_state["reference"]) if "reference" in train_state else None
@@ -190,7 +190,7 @@ def train(c: ml_collections.ConfigDict, workdir: str) -> dict:
                 stage = new_stage
                 tx = optimizer_for(c, stage, params)
                 opt_state = init_optimizer_state(tx, params, run.mesh)
-                reference = jax.tree.map(jnp.copy, params) if _uses_reference(c, stage) else None
+                reference = _fresh_reference(c, stage, params)
                 data = data_iterator(run, stage, cur_state)
             batch = global_batch(next(data))
             t_start = time.perf_counter()
