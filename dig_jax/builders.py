@@ -148,13 +148,21 @@ def create_model(c: ml_collections.ConfigDict, cfg: model_config.ModelConfig, me
     return sharding.create_sharded(constructor, mesh)
 
 
-def image_processor_config(c: ml_collections.ConfigDict, family: str) -> ImageProcessorConfig:
-    overrides = {}
+def image_processor_config(c: ml_collections.ConfigDict, cfg: model_config.ModelConfig) -> ImageProcessorConfig:
+    """The family's image preprocessing, cut to the model's patch geometry.
+
+    Mean/std come from the family preset; patch, temporal patch and merge sizes come from the model's
+    vision config, so a model with overridden geometry (e.g. `spatial_merge_size=1`) gets prompts with as
+    many image tokens as its vision tower emits.
+    """
+    v = cfg.vision
+    overrides = {"patch_size": v.patch_size, "temporal_patch_size": v.temporal_patch_size,
+                 "merge_size": v.spatial_merge_size}
     if c.data.min_pixels:
         overrides["min_pixels"] = int(c.data.min_pixels)
     if c.data.max_pixels:
         overrides["max_pixels"] = int(c.data.max_pixels)
-    return ImageProcessorConfig.for_family(family, **overrides)
+    return ImageProcessorConfig.for_family(cfg.family, **overrides)
 
 
 def dataset_image_hw(pattern: str) -> tuple[int, int]:
@@ -172,14 +180,14 @@ def dataset_image_hw(pattern: str) -> tuple[int, int]:
     return tuple(record["image_a"].shape[:2])
 
 
-def example_builder(c: ml_collections.ConfigDict, family: str, tok_path: str, image_hw,
+def example_builder(c: ml_collections.ConfigDict, cfg: model_config.ModelConfig, tok_path: str, image_hw,
                     keep_images: bool = False, answer_boxes: int | None = None) -> ExampleBuilder:
     """The per-example transform; answers are padded for `answer_boxes` boxes (default data.max_boxes).
 
     The supervised warm-up pads only for the most differences it reads (`sft.num_differences`), so a
     one-difference warm-up does not score ~3x more padding than answer.
     """
-    spec = InputSpec(family=family, image_cfg=image_processor_config(c, family), prompt_text=c.data.prompt,
+    spec = InputSpec(family=cfg.family, image_cfg=image_processor_config(c, cfg), prompt_text=c.data.prompt,
                      add_vision_id=bool(c.data.add_vision_id), label_mode=c.data.label,
                      max_boxes=int(c.data.max_boxes), prompt_bucket=int(c.data.prompt_bucket), answer_len=1,
                      keep_images=keep_images)

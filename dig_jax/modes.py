@@ -19,7 +19,7 @@ def run_eval(c, workdir: str) -> dict:
     model_cfg = builders.model_config_from(c, tokenizer)
     mesh = builders.make_mesh(c)
     files = c.data.eval_files or c.data.train_files
-    builder = builders.example_builder(c, model_cfg.family, tok_path, builders.dataset_image_hw(files),
+    builder = builders.example_builder(c, model_cfg, tok_path, builders.dataset_image_hw(files),
                                        keep_images=True)
     model, step = builders.restore_model(c, workdir, model_cfg, mesh, c.eval.checkpoint_step,
                                          patches_per_image=builder.patches_per_image)

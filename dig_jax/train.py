@@ -51,8 +51,8 @@ def setup(c: ml_collections.ConfigDict, workdir: str) -> Run:
     model_cfg = builders.model_config_from(c, tokenizer)
     mesh = builders.make_mesh(c)
     image_hw = builders.dataset_image_hw(c.data.train_files)
-    builder = builders.example_builder(c, model_cfg.family, tok_path, image_hw)
-    sft_builder = builders.example_builder(c, model_cfg.family, tok_path, image_hw,
+    builder = builders.example_builder(c, model_cfg, tok_path, image_hw)
+    sft_builder = builders.example_builder(c, model_cfg, tok_path, image_hw,
                                            answer_boxes=max(c.sft.num_differences))
     with sharding.activate(mesh):
         model = builders.create_model(c, model_cfg, mesh, patches_per_image=builder.patches_per_image)

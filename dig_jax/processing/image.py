@@ -77,11 +77,18 @@ class ImageProcessorConfig:
 
     @classmethod
     def for_family(cls, family: str, **overrides) -> "ImageProcessorConfig":
-        """The preset of `family` ('qwen2_5_vl' or 'qwen3_vl'), with `min_pixels`/`max_pixels` overrides."""
+        """The preset of `family` ('qwen2_5_vl' or 'qwen3_vl') with any fields overridden.
+
+        Overrides are field names of this class (`min_pixels`, `merge_size`, ...); a model whose vision
+        geometry differs from the release passes its own patch and merge sizes here.
+        """
         presets = {"qwen2_5_vl": cls.qwen2_5_vl, "qwen3_vl": cls.qwen3_vl}
         if family not in presets:
             raise ValueError(f"unknown model family {family!r}; expected one of {sorted(presets)}")
-        return presets[family](**overrides)
+        unknown = sorted(set(overrides) - {f.name for f in dataclasses.fields(cls)})
+        if unknown:
+            raise ValueError(f"ImageProcessorConfig has no field(s) {unknown}")
+        return dataclasses.replace(presets[family](), **overrides)
 
 
 def smart_resize(height: int, width: int, factor: int, min_pixels: int, max_pixels: int) -> tuple[int, int]:

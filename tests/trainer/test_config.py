@@ -104,3 +104,30 @@ def test_cli_exits_nonzero_naming_the_field(tmp_path):
     assert proc.returncode != 0
     assert "config.grpo.group_size" in proc.stderr, proc.stderr[-3000:]
     assert not os.path.exists(os.path.join(tmp_path, "checkpoints")), "nothing may be written before validation"
+
+
+@pytest.mark.parametrize("merge", [2, 1])
+def test_prompts_follow_the_model_patch_geometry(merge, tmp_path):
+    """Image tokens per prompt come from the model's vision config, not the family's release preset.
+
+    A model built with `spatial_merge_size=1` emits one token per 16 px patch; its prompts must hold as
+    many image-pad tokens, or the model's placement check rejects every batch.
+    """
+    import numpy as np
+
+    from dig_jax import builders
+    from dig_jax.models.vlm import count_image_tokens
+
+    c = good()
+    c.model.overrides.vision.spatial_merge_size = merge
+    family = builders.model_family(c)
+    tok_path = builders.tokenizer_path(c, str(tmp_path), family)
+    cfg = builders.model_config_from(c, builders.load_run_tokenizer(c, tok_path))
+    builder = builders.example_builder(c, cfg, tok_path, (tiny_config.RESOLUTION,) * 2)
+    image = np.zeros((tiny_config.RESOLUTION, tiny_config.RESOLUTION, 3), np.uint8)
+    example = builder({"image_a": image, "image_b": image, "boxes": np.zeros((1, 4), np.float32),
+                       "kinds": ["add"], "num_differences": 1})
+    side = tiny_config.RESOLUTION // 16  # patches per side
+    expected = count_image_tokens(np.array([[1, side, side]] * 2), merge)
+    assert expected == 2 * side * side // merge**2
+    assert int((example["prompt_ids"] == cfg.image_token_id).sum()) == expected

@@ -114,7 +114,7 @@ def test_train_eval_export_reload_in_hf(train_files, tmp_path):
 
     hf = Qwen3VLForConditionalGeneration.from_pretrained(export_dir, dtype=torch.float32).eval()
     # One real DiG batch (two images per prompt), as the trainer builds it.
-    builder = builders.example_builder(c, cfg.family, builders.tokenizer_path(c, workdir, cfg.family),
+    builder = builders.example_builder(c, cfg, builders.tokenizer_path(c, workdir, cfg.family),
                                        builders.dataset_image_hw(train_files))
     batch = next(iter(builders.pair_dataset(c, train_files, builder, batch_size=2, selection=None, seed=0,
                                             shuffle=False, num_epochs=1)))
