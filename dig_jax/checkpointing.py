@@ -21,6 +21,7 @@ from typing import Any
 
 import grain
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 
 
@@ -98,8 +99,16 @@ class Checkpointer:
 
 
 def abstract_like(tree: Any) -> Any:
-    """ShapeDtypeStructs (with shardings) describing a pytree of arrays: a restore target."""
-    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None)), tree)
+    """ShapeDtypeStructs (with shardings) describing a pytree of arrays: a restore target.
+
+    numpy leaves stay numpy arrays, so orbax restores them as numpy (host values, no sharding).
+    """
+    def leaf(x):
+        if isinstance(x, np.ndarray):
+            return x
+        return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None))
+
+    return jax.tree.map(leaf, tree)
 
 
 class PreemptionGuard:

@@ -22,9 +22,66 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from configs.datagen import KINDS
-from dig_jax import rewards, rollout, sampling
+from dig_jax import rewards, rollout, sampling, sharding
 
 IOU_THRESHOLD = 0.5
+
+
+def _process_row_counts(n: int) -> list[int]:
+    """Rows each process holds this round (the same list on every process)."""
+    if jax.process_count() == 1:
+        return [n]
+    from jax.experimental import multihost_utils
+
+    return [int(v) for v in np.asarray(multihost_utils.process_allgather(np.int32(n))).reshape(-1)]
+
+
+def _pad_rows(batch: dict, rows: int, valid: int) -> dict:
+    """`batch` cut or padded to `rows` rows (padding repeats row 0), with `valid` = the first `valid` rows."""
+    out = {}
+    for k, v in batch.items():
+        v = np.asarray(v)[:rows]
+        if len(v) < rows:
+            v = np.concatenate([v, np.repeat(v[:1], rows - len(v), axis=0)])
+        out[k] = v
+    out["valid"] = np.arange(rows) < valid
+    return out
+
+
+def lockstep_global_batches(local_batches, rows_per_process: int, *, gather=None, row_counts=None):
+    """The global batches of a finite evaluation pass, with every process in step.
+
+    Each process reads its own share of the held-out pairs, and the shares need not be equal (records
+    split unevenly over processes, a short last batch). Collectives with unequal shapes, or one process
+    leaving the loop while the others wait inside a collective, would hang a pod. So every round the
+    processes exchange their row counts, each local batch is padded to `rows_per_process` rows (a
+    process whose share has run out sends padding only), and the boolean row mask `valid` marks the
+    real rows. The pass ends in the same round on every process: when no process has rows left.
+
+    `gather` (local batch -> global batch) and `row_counts` (n -> every process's n) default to the
+    multi-host collectives; on one process they are the identity and `[n]`.
+    """
+    if gather is None:
+        from dig_jax.train import global_batch as gather
+    row_counts = row_counts or _process_row_counts
+    iterator, template, first = iter(local_batches), None, True
+    while True:
+        batch = next(iterator, None)
+        n = 0 if batch is None else len(next(iter(batch.values())))
+        if n > rows_per_process:
+            raise ValueError(f"evaluation batch of {n} rows on process {jax.process_index()}: more than the "
+                             f"{rows_per_process} rows per process the pass was set up for")
+        counts = row_counts(n)
+        if first and min(counts) == 0 and max(counts) > 0:
+            empty = [i for i, c in enumerate(counts) if c == 0]
+            raise ValueError(f"process(es) {empty} hold no evaluation pairs while others do: give the evaluation "
+                             f"files at least as many records as there are processes ({len(counts)})")
+        first = False
+        if max(counts) == 0:
+            return
+        if batch is not None:
+            template = batch
+        yield gather(_pad_rows(batch if batch is not None else template, rows_per_process, n))
 
 
 def match_boxes(pred_px: np.ndarray, gt_px: np.ndarray, hw: tuple[int, int],
@@ -131,10 +188,11 @@ def evaluate(model, batches, *, cfg, tokenizer, family: str, max_new_tokens: int
     for batch in batches:
         prompts = rollout.prompt_batch(cfg, batch, mesh=mesh, prompt_bucket=prompt_bucket)
         gen = sampling.generate(model, prompts, jax.random.key(0), greedy)
-        tokens = np.asarray(jax.device_get(gen.tokens))
-        mask = np.asarray(jax.device_get(gen.completion_mask))
+        tokens, mask = sharding.to_host(gen.tokens), sharding.to_host(gen.completion_mask)
         texts = rollout.decode_texts(tokenizer, tokens, mask)
         for i, text in enumerate(texts):
+            if "valid" in batch and not batch["valid"][i]:
+                continue  # padding of a process whose share of the pairs ran out
             if max_pairs is not None and seen >= max_pairs:
                 break
             hw = tuple(int(v) for v in batch["original_hw"][i])

@@ -4,7 +4,9 @@
         [--mode=train|eval|export] [--config.path.to.field=value ...]
 
 On a TPU pod the same command runs on every host; `jax.distributed.initialize()` connects them (it is
-called when the environment says we are one of several processes, or with --distributed=true).
+called when the environment says we are one of several processes, or with --distributed=true). Elsewhere
+(GPU hosts without a cluster manager, or several CPU processes standing in for a pod) set
+JAX_COORDINATOR_ADDRESS=host:port, JAX_NUM_PROCESSES and JAX_PROCESS_ID on every process.
 """
 from __future__ import annotations
 
@@ -29,7 +31,16 @@ def _maybe_initialize_distributed(mode: str) -> None:
     multi_host_tpu = bool(os.environ.get("TPU_WORKER_HOSTNAMES", "").count(","))
     coordinator = bool(os.environ.get("JAX_COORDINATOR_ADDRESS"))
     if mode == "true" or (mode == "auto" and (multi_host_tpu or coordinator)):
-        jax.distributed.initialize()
+        explicit = {}
+        for key, env in (("num_processes", "JAX_NUM_PROCESSES"), ("process_id", "JAX_PROCESS_ID")):
+            value = os.environ.get(env)
+            if value:
+                if not value.isdigit():
+                    raise ValueError(f"{env}={value!r}: expected a non-negative integer")
+                explicit[key] = int(value)
+        if os.environ.get("JAX_PLATFORMS", "").split(",")[0] == "cpu":
+            jax.config.update("jax_cpu_collectives_implementation", "gloo")  # CPU processes need a transport
+        jax.distributed.initialize(**explicit)
 
 
 def main(argv):

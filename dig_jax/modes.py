@@ -9,6 +9,8 @@ import json
 import os
 import shutil
 
+import jax
+
 from dig_jax import builders, evaluate, hf_io, rewards
 from dig_jax.train import global_batch
 
@@ -25,7 +27,8 @@ def run_eval(c, workdir: str) -> dict:
                                          patches_per_image=builder.patches_per_image)
     local = builders.pair_dataset(c, files, builder, batch_size=c.eval.batch_size, selection=None, seed=c.seed,
                                   shuffle=False, num_epochs=1)
-    batches = (global_batch(b) for b in local)  # every host scores the global batch
+    # Every host scores the global batch; hosts stay in step even when their shares differ in size.
+    batches = evaluate.lockstep_global_batches(local, c.eval.batch_size // jax.process_count(), gather=global_batch)
     reward_config = rewards.RewardConfig(alpha=c.reward.alpha, lambda1=c.reward.lambda1, lambda2=c.reward.lambda2,
                                          iou_threshold=c.reward.iou_threshold, family=model_cfg.family)
     out_dir = os.path.join(workdir, "eval", f"step_{step}")

@@ -175,3 +175,17 @@ def constrain(x: jax.Array, logical_axes: Sequence[str | None]) -> jax.Array:
 def data_sharding(mesh: Mesh, ndim: int, rules: Rules = DEFAULT_RULES) -> NamedSharding:
     """Sharding of a batch-major input array: the batch over the data axes, the rest replicated."""
     return NamedSharding(mesh, logical_to_spec(("batch",) + (None,) * (ndim - 1), rules, mesh))
+
+
+def to_host(x) -> np.ndarray:
+    """The whole value of `x` as numpy, on every process.
+
+    On one process (or for a replicated array) this is `np.asarray`. On a pod a batch-sharded array
+    spans devices of other hosts, which `jax.device_get` cannot read; the host-side steps that follow
+    (decoding sampled tokens, scoring them) run on the global batch on every host, so gather it.
+    """
+    if not isinstance(x, jax.Array) or x.is_fully_addressable or x.is_fully_replicated:
+        return np.asarray(jax.device_get(x))
+    from jax.experimental import multihost_utils
+
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))

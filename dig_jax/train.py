@@ -103,8 +103,12 @@ def data_iterator(run: Run, stage: str, cur_state: CurriculumState):
 # ======================================================================================================
 
 def _arrays(params, opt_state, rng, reference=None) -> dict:
-    """The checkpoint's array items: params alone (for eval/export), the rest as train_state."""
-    train_state = {"opt_state": opt_state, "rng": jax.random.key_data(rng)}
+    """The checkpoint's array items: params alone (for eval/export), the rest as train_state.
+
+    The RNG key is stored as numpy: it lives on one local device, which orbax cannot save on a pod
+    (every host holds the same key; a host-local array would need a global sharding first).
+    """
+    train_state = {"opt_state": opt_state, "rng": np.asarray(jax.random.key_data(rng))}
     if reference is not None:
         train_state["reference"] = nnx.to_pure_dict(reference)
     return {"params": nnx.to_pure_dict(params), "train_state": train_state}
@@ -241,8 +245,23 @@ def global_batch(local: dict) -> dict:
         return local
     from jax.experimental import multihost_utils
 
-    gathered = multihost_utils.process_allgather(local, tiled=True)
-    return jax.tree.map(np.asarray, gathered)
+    # The collective goes through JAX, which (without x64) would truncate 64-bit values such as the
+    # pairs' int64 seeds; they travel as pairs of 32-bit words and are viewed back afterwards.
+    words = {k: _as_32bit_words(v) for k, v in local.items()}
+    gathered = multihost_utils.process_allgather(words, tiled=True)
+    return {k: _from_32bit_words(np.asarray(gathered[k]), np.asarray(local[k]).dtype) for k in local}
+
+
+def _as_32bit_words(x) -> np.ndarray:
+    """A 64-bit array [..] as uint32 [.., 2] (its bytes unchanged); other arrays as they are."""
+    x = np.ascontiguousarray(x)
+    return x.view(np.uint32).reshape(*x.shape, 2) if x.dtype.itemsize == 8 else x
+
+
+def _from_32bit_words(x: np.ndarray, dtype: np.dtype) -> np.ndarray:
+    if np.dtype(dtype).itemsize != 8:
+        return x
+    return np.ascontiguousarray(x).view(dtype).reshape(x.shape[:-1])
 
 
 def _preemption_sync(step: int) -> bool:
@@ -294,7 +313,7 @@ def grpo_iteration(run: Run, tx, params, opt_state, reference, batch, key, sampl
     ro.seconds["update"] = time.perf_counter() - t0
 
     s = ro.scores
-    lengths = np.asarray(jax.device_get(ro.completions.mask)).sum(axis=1)
+    lengths = sharding.to_host(ro.completions.mask).sum(axis=1)
     metrics = {
         "reward/mean": float(s["reward"].mean()), "reward/std": float(s["reward"].std()),
         "reward/f1": float(s["f1"].mean()), "reward/iou": float(s["mean_iou"].mean()),
