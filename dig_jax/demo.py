@@ -17,30 +17,20 @@ import time
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from configs import demo_cpu
+
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/demo_cpu.py", "Training configuration.")
 _WORKDIR = flags.DEFINE_string("workdir", "demo_out", "Where data, checkpoints and the report go.")
-_TRAIN_PAIRS = flags.DEFINE_integer("num_train_pairs", 6000, "Rendered training pairs.")
+_TRAIN_PAIRS = flags.DEFINE_integer("num_train_pairs", 12000, "Rendered training pairs.")
 _EVAL_PAIRS = flags.DEFINE_integer("num_eval_pairs", 200, "Rendered held-out pairs (other seeds).")
 _WORKERS = flags.DEFINE_integer("workers", 2, "Rendering processes.")
-
-
-def datagen_config(c):
-    """The demo's generator settings: 128 px, one or two differences of the kinds in the config."""
-    from configs import datagen
-
-    g = datagen.get_config(str(c.demo.resolution))
-    g.num_differences_min, g.num_differences_max = 1, 2
-    g.min_objects, g.max_objects = c.demo.min_objects, c.demo.max_objects
-    g.camera_fovy, g.placement_radius = c.demo.camera_fovy, c.demo.placement_radius
-    g.kinds = tuple(c.demo.kinds)
-    return g
 
 
 def render(c, workdir: str) -> tuple[str, str]:
     from data_pipeline.generate import generate_dataset
     from data_pipeline.preview import preview_shards
 
-    g = datagen_config(c)
+    g = demo_cpu.datagen_config(c)
     train_dir, eval_dir = os.path.join(workdir, "data", "train"), os.path.join(workdir, "data", "eval")
     generate_dataset(train_dir, _TRAIN_PAIRS.value, seed=1, workers=_WORKERS.value, config=g)
     generate_dataset(eval_dir, _EVAL_PAIRS.value, seed=2, workers=_WORKERS.value, config=g)
@@ -109,7 +99,8 @@ def write_report(workdir: str, c, results: dict[str, dict], seconds: dict[str, f
         f"A tiny Qwen3-VL-shaped model (random init, compact tokenizer) trained on {_TRAIN_PAIRS.value} rendered "
         f"pairs at {c.demo.resolution} px: {c.sft.steps} supervised warm-up steps, then {c.grpo.steps} GRPO "
         f"iterations (group size {c.grpo.group_size}) through {len(c.curriculum.phases)} curriculum phases. "
-        f"Held-out: {_EVAL_PAIRS.value} pairs from other seeds.", "",
+        f"Held-out: the first {min(c.eval.num_pairs, _EVAL_PAIRS.value)} of {_EVAL_PAIRS.value} pairs rendered "
+        f"from other seeds.", "",
         f"**Held-out F1@0.5 on one-difference pairs: {one_diff_f1:.3f}** (bar: 0.5).", "",
         *([f"GRPO training reward, mean of the first vs the last iterations: {trend[0]:.3f} -> {trend[1]:.3f}.", ""]
           if trend else []),

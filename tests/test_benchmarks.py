@@ -114,3 +114,25 @@ def test_train_step_quick_runs_the_trainer_steps():
     assert 1 <= row["mean_len"] <= 4
     _finite_positive(row, ["sft_s", "grpo_rollout_s", "grpo_scoring_s", "grpo_update_s", "grpo_total_s",
                            "sft_TFLOPs", "update_TFLOPs"])
+
+
+@pytest.mark.slow
+def test_demo_learnability_trains_and_scores_every_checkpoint(tmp_path):
+    """The learnability table: one view, two warm-up steps, a checkpoint scored after each."""
+    import json
+    import subprocess
+
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    out = tmp_path / "rows.json"
+    cmd = [sys.executable, os.path.join(repo, "benchmarks", "demo_learnability.py"), "--views=12:0.12:2:2",
+           "--steps=2", "--eval_every=1", "--train_pairs=24", "--eval_pairs=4", f"--workdir={tmp_path / 'w'}",
+           f"--json={out}"]
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1")
+    result = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=900, cwd=repo)
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = json.loads(out.read_text())
+    assert [r["step"] for r in rows] == [1, 2]
+    assert all(r["view"] == "12:0.12:2:2" for r in rows)
+    assert 20 < rows[0]["box_side_px"] < 80  # a close-up: objects tens of pixels across at 128 px
+    assert all(0.0 <= r["f1_one_difference"] <= 1.0 for r in rows)
+    assert "| 12:0.12:2:2 |" in result.stdout
