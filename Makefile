@@ -40,6 +40,7 @@ bench: venv
 	$(VPY) benchmarks/render_throughput.py
 	$(VPY) benchmarks/model_vs_hf.py
 	$(VPY) benchmarks/train_step.py
+	$(VPY) benchmarks/demo_learnability.py
 
 clean:
 	rm -rf $(VENV) demo_out .pytest_cache
