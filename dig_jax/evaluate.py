@@ -37,10 +37,10 @@ def _process_row_counts(n: int) -> list[int]:
 
 
 def _pad_rows(batch: dict, rows: int, valid: int) -> dict:
-    """`batch` cut or padded to `rows` rows (padding repeats row 0), with `valid` = the first `valid` rows."""
+    """`batch` padded to `rows` rows (padding repeats row 0), with `valid` = the first `valid` rows."""
     out = {}
     for k, v in batch.items():
-        v = np.asarray(v)[:rows]
+        v = np.asarray(v)
         if len(v) < rows:
             v = np.concatenate([v, np.repeat(v[:1], rows - len(v), axis=0)])
         out[k] = v
