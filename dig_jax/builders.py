@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import shutil
+import tempfile
 
 import jax
 import jax.numpy as jnp
@@ -109,9 +111,28 @@ def tokenizer_path(c: ml_collections.ConfigDict, workdir: str, family: str) -> s
     out = os.path.join(workdir, "tokenizer_compact" if compact else "tokenizer")
     path = os.path.join(out, "tokenizer.json")
     if not os.path.exists(path):
-        # Deterministic: every process may build it (a shared workdir just gets the same bytes).
-        build_tiny_tokenizer(out, family=family, compact=compact)
+        _build_and_publish_tiny_tokenizer(out, family, compact)
     return path
+
+
+def _build_and_publish_tiny_tokenizer(out: str, family: str, compact: bool) -> None:
+    """Builds the tiny tokenizer in a private directory, then moves its files into `out`.
+
+    Every host of a pod runs this on the shared workdir at the same moment. Building in place let one
+    host read `tokenizer.json` while another was still writing it (a truncated JSON). Here each process
+    writes its own copy and `os.replace`s the files in (atomic on one filesystem; the build is
+    deterministic, so whichever copy lands last is the same bytes), `tokenizer.json` last: once it exists,
+    so do its side files.
+    """
+    os.makedirs(out, exist_ok=True)
+    private = tempfile.mkdtemp(prefix=".building-", dir=out)
+    try:
+        build_tiny_tokenizer(private, family=family, compact=compact)
+        names = sorted(os.listdir(private), key=lambda name: name == "tokenizer.json")
+        for name in names:
+            os.replace(os.path.join(private, name), os.path.join(out, name))
+    finally:
+        shutil.rmtree(private, ignore_errors=True)
 
 
 def load_run_tokenizer(c: ml_collections.ConfigDict, path: str):
