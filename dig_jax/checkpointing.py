@@ -30,15 +30,26 @@ class MissingCheckpointError(FileNotFoundError):
 
 
 class Checkpointer:
-    """Saves every `save_every` steps (and on demand), keeps the newest `keep`, restores exactly."""
+    """Saves every `save_every` steps (and on demand), keeps the newest `keep`, restores exactly.
 
-    def __init__(self, directory: str, *, save_every: int, keep: int, use_async: bool = True):
+    Steps in `keep_steps` (the end of the warm-up, which evaluation compares with the end of GRPO) are
+    kept besides the newest `keep`, however long the run goes on.
+    """
+
+    def __init__(self, directory: str, *, save_every: int, keep: int, use_async: bool = True,
+                 keep_steps: tuple[int, ...] = ()):
         if save_every <= 0:
             raise ValueError(f"checkpoint save_every must be positive, got {save_every}")
+        if keep <= 0:
+            raise ValueError(f"checkpoint keep must be positive, got {keep}")
         self.directory = os.path.abspath(directory)
+        policies = [ocp.checkpoint_managers.LatestN(keep)]
+        if keep_steps:
+            policies.append(ocp.checkpoint_managers.CustomSteps(sorted(set(keep_steps))))
         options = ocp.CheckpointManagerOptions(
-            save_interval_steps=save_every, max_to_keep=keep, create=True,
-            enable_async_checkpointing=use_async, cleanup_tmp_directories=True)
+            save_interval_steps=save_every, create=True, enable_async_checkpointing=use_async,
+            cleanup_tmp_directories=True,
+            preservation_policy=ocp.checkpoint_managers.AnyPreservationPolicy(policies))
         self._manager = ocp.CheckpointManager(self.directory, options=options)
 
     # ---------------------------------------------------------------------------------------------

@@ -140,7 +140,8 @@ def train(c: ml_collections.ConfigDict, workdir: str) -> dict:
     run = setup(c, workdir)
     total_steps = c.sft.steps + c.grpo.steps
     ckpt = checkpointing.Checkpointer(os.path.join(workdir, "checkpoints"), save_every=c.checkpoint.every,
-                                      keep=c.checkpoint.keep, use_async=c.checkpoint.use_async)
+                                      keep=c.checkpoint.keep, use_async=c.checkpoint.use_async,
+                                      keep_steps=(c.sft.steps,) if 0 < c.sft.steps < total_steps else ())
     logger = MetricsLogger(workdir, total_steps=total_steps)
     guard = checkpointing.PreemptionGuard()
 
@@ -221,7 +222,7 @@ def train(c: ml_collections.ConfigDict, workdir: str) -> dict:
                 logger.progress(step, metrics, phase=phase_name,
                                 keys=("sft/loss", "reward/mean", "reward/f1", "reward/iou", "grpo/kl"))
             stop = guard.requested or (jax.process_count() > 1 and _preemption_sync(step))
-            # Always keep the end of the warm-up and the end of the run (the demo compares the two).
+            # Always save the end of the warm-up (kept for good: see the Checkpointer) and of the run.
             ckpt.save(step, _arrays(params, opt_state, rng, reference), _meta(step, cur_state, stage),
                       data, force=stop or step == total_steps or step == c.sft.steps)
             if stop:

@@ -14,6 +14,8 @@ import subprocess
 import sys
 import time
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -128,6 +130,22 @@ def test_sigterm_leaves_a_restorable_checkpoint_and_a_rerun_finishes(train_files
     ckpt = checkpointing.Checkpointer(os.path.join(workdir, "checkpoints"), save_every=1, keep=100, use_async=False)
     assert ckpt.all_steps()[-2:] == [saved, steps]
     ckpt.close()
+
+
+def test_the_warmup_checkpoint_outlives_the_newest_k(tmp_path):
+    """Only the newest `keep` checkpoints stay, plus `keep_steps` (the end of the warm-up) for good."""
+    directory = str(tmp_path / "checkpoints")
+    ckpt = checkpointing.Checkpointer(directory, save_every=1, keep=2, use_async=False, keep_steps=(3,))
+    for step in range(1, 9):
+        ckpt.save(step, {"params": {"w": jnp.full((2,), float(step))}}, {"step": step})
+    assert ckpt.all_steps() == [3, 7, 8]
+    one_device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    abstract = {"params": {"w": jax.ShapeDtypeStruct((2,), jnp.float32, sharding=one_device)}}
+    restored, _ = ckpt.restore(abstract, step=3)
+    np.testing.assert_array_equal(restored["params"]["w"], [3.0, 3.0])
+    ckpt.close()
+    with pytest.raises(ValueError, match="keep must be positive"):
+        checkpointing.Checkpointer(directory, save_every=1, keep=0)
 
 
 def test_missing_checkpoint_names_the_directory(tmp_path, config):
