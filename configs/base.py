@@ -44,6 +44,9 @@ def get_config(arg=None):
     c.data.num_threads = 2
     c.data.on_corrupt = "error"  # error | skip
     c.data.prompt_bucket = 64  # prompt lengths are padded up to a multiple of this
+    # grpo/eval.max_new_tokens must hold an answer of max_boxes boxes (checked at start-up); True lets
+    # them be shorter, for smoke tests that decode a few tokens from a random model.
+    c.data.allow_truncated_answers = False
 
     # ---- mesh ---------------------------------------------------------------------------------------
     c.mesh = ml_collections.ConfigDict()
@@ -75,7 +78,7 @@ def get_config(arg=None):
     c.grpo.steps = 0  # rollout iterations (each: sample, score, update)
     c.grpo.prompts_per_batch = 8  # prompts per rollout batch (global)
     c.grpo.group_size = 8  # samples per prompt (G)
-    c.grpo.max_new_tokens = 128
+    c.grpo.max_new_tokens = 512
     c.grpo.temperature = 1.0
     c.grpo.top_p = 1.0
     c.grpo.top_k = 0  # 0 = off
@@ -112,7 +115,7 @@ def get_config(arg=None):
     c.eval = ml_collections.ConfigDict()
     c.eval.num_pairs = 64
     c.eval.batch_size = 16
-    c.eval.max_new_tokens = 128
+    c.eval.max_new_tokens = 512
     c.eval.num_visualise = 8
     c.eval.checkpoint_step = -1  # -1: the newest
     return c

@@ -55,7 +55,7 @@ def get_config(arg=None):
 
     c.mesh.data = -1
 
-    c.sft.steps = 2200  # ~14 min here; with rendering, GRPO and evaluation the demo takes ~18 of its 30 min
+    c.sft.steps = 2200  # ~14 min here; with rendering, GRPO and evaluation the demo takes ~24 of its 30 min
     c.sft.batch_size = 16
     c.sft.learning_rate = 2e-3
     c.sft.num_differences = (1,)
@@ -65,16 +65,16 @@ def get_config(arg=None):
     c.optim.weight_decay = 0.0
     c.optim.grad_clip_norm = 1.0
 
-    c.grpo.steps = 30
+    c.grpo.steps = 300  # ~5 min
     c.grpo.prompts_per_batch = 8
     c.grpo.group_size = 4
-    c.grpo.max_new_tokens = 48
+    c.grpo.max_new_tokens = 80  # a two-box answer takes 75 tokens (checked at start-up)
     c.grpo.temperature = 1.0
     c.grpo.kl_coef = 0.01
     c.grpo.scoring_chunk = 16
 
     c.curriculum.phases = [
-        {"name": "one_difference", "selection": [[[1], 1.0]], "max_steps": 15, "reward_threshold": 0.8,
+        {"name": "one_difference", "selection": [[[1], 1.0]], "max_steps": 100, "reward_threshold": 0.8,
          "window": 5, "min_steps": 5},
         {"name": "one_or_two", "selection": [[[1], 0.5], [[2], 0.5]], "max_steps": None,
          "reward_threshold": None, "window": 5, "min_steps": 0},
@@ -86,7 +86,7 @@ def get_config(arg=None):
 
     c.eval.num_pairs = 200
     c.eval.batch_size = 16
-    c.eval.max_new_tokens = 48
+    c.eval.max_new_tokens = 80
     c.eval.num_visualise = 8
     return c
 

@@ -19,7 +19,7 @@ from flax import nnx
 from configs.datagen import KINDS
 from data_pipeline import loader
 from dig_jax import hf_io, sharding
-from dig_jax.config_validation import mesh_shape
+from dig_jax.config_validation import ConfigError, mesh_shape
 from dig_jax.inputs import ExampleBuilder, InputSpec, max_answer_tokens
 from dig_jax.models import config as model_config
 from dig_jax.models.vision import sincos_position_table
@@ -184,6 +184,23 @@ def image_processor_config(c: ml_collections.ConfigDict, cfg: model_config.Model
     if c.data.max_pixels:
         overrides["max_pixels"] = int(c.data.max_pixels)
     return ImageProcessorConfig.for_family(cfg.family, **overrides)
+
+
+def check_room_for_answers(c: ml_collections.ConfigDict, builder: ExampleBuilder, field: str, limit: int) -> None:
+    """Fails naming `field` when its `limit` of new tokens is too short for an answer of `data.max_boxes` boxes.
+
+    A cap below the longest answer truncates every answer with many boxes: GRPO then learns that fewer
+    boxes score better and evaluation can never count high, silently. Smoke tests that only need a few
+    tokens from a random model say so with `data.allow_truncated_answers`.
+    """
+    if c.data.allow_truncated_answers:
+        return
+    need = max_answer_tokens(builder, int(c.data.max_boxes))
+    if limit < need:
+        raise ConfigError(
+            f"config.{field}: {limit} new tokens cannot hold an answer of data.max_boxes={c.data.max_boxes} "
+            f"boxes, which takes up to {need} tokens with this tokenizer and prompt format; raise it to at "
+            f"least {need} (or set data.allow_truncated_answers=True for a smoke test)")
 
 
 def dataset_image_hw(pattern: str) -> tuple[int, int]:

@@ -23,6 +23,7 @@ def run_eval(c, workdir: str) -> dict:
     files = c.data.eval_files or c.data.train_files
     builder = builders.example_builder(c, model_cfg, tok_path, builders.dataset_image_hw(files),
                                        keep_images=True)
+    builders.check_room_for_answers(c, builder, "eval.max_new_tokens", c.eval.max_new_tokens)
     model, step = builders.restore_model(c, workdir, model_cfg, mesh, c.eval.checkpoint_step,
                                          patches_per_image=builder.patches_per_image)
     local = builders.pair_dataset(c, files, builder, batch_size=c.eval.batch_size, selection=None, seed=c.seed,

@@ -54,6 +54,8 @@ def setup(c: ml_collections.ConfigDict, workdir: str) -> Run:
     builder = builders.example_builder(c, model_cfg, tok_path, image_hw)
     sft_builder = builders.example_builder(c, model_cfg, tok_path, image_hw,
                                            answer_boxes=max(c.sft.num_differences))
+    if c.grpo.steps:
+        builders.check_room_for_answers(c, builder, "grpo.max_new_tokens", c.grpo.max_new_tokens)
     with sharding.activate(mesh):
         model = builders.create_model(c, model_cfg, mesh, patches_per_image=builder.patches_per_image)
     graphdef, params = nnx.split(model, nnx.Param)

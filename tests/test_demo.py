@@ -16,7 +16,7 @@ def test_demo_writes_report(tmp_path):
            "--config.sft.steps=2", "--config.sft.batch_size=4", "--config.grpo.steps=2",
            "--config.grpo.prompts_per_batch=2", "--config.grpo.group_size=2", "--config.grpo.max_new_tokens=8",
            "--config.eval.batch_size=4", "--config.eval.max_new_tokens=8", "--config.eval.num_pairs=8",
-           "--config.mesh.num_devices=1"]
+           "--config.mesh.num_devices=1", "--config.data.allow_truncated_answers=True"]
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1")
     result = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=900)
     assert result.returncode == 0, result.stderr[-3000:]

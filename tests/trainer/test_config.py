@@ -131,3 +131,31 @@ def test_prompts_follow_the_model_patch_geometry(merge, tmp_path):
     expected = count_image_tokens(np.array([[1, side, side]] * 2), merge)
     assert expected == 2 * side * side // merge**2
     assert int((example["prompt_ids"] == cfg.image_token_id).sum()) == expected
+
+
+@pytest.mark.parametrize("stage", ["grpo", "eval"])
+def test_a_generation_cap_too_short_for_max_boxes_names_the_field(stage, train_files, tmp_path):
+    """2 boxes take ~75 tokens with the tiny tokenizer: a cap of 48 would truncate every two-box answer
+    (GRPO then learns that one box pays, evaluation never counts two). Caught before any model is built."""
+    from dig_jax import checkpointing, modes
+
+    c = tiny_config.get_config(train_files)
+    c.data.allow_truncated_answers = False
+    c.grpo.max_new_tokens = c.eval.max_new_tokens = 200  # room for both; then shorten the one under test
+    c[stage].max_new_tokens = 48
+    run = train.setup if stage == "grpo" else modes.run_eval
+    with pytest.raises(ConfigError, match=rf"^config\.{stage}\.max_new_tokens: 48 new tokens cannot hold an "
+                                          rf"answer of data\.max_boxes=2 boxes, which takes up to \d+ tokens"):
+        run(c, str(tmp_path / "workdir"))
+    assert not os.path.exists(tmp_path / "workdir" / "checkpoints")
+
+    def passes_the_check():  # eval goes on to look for a checkpoint, which this workdir lacks
+        if stage == "grpo":
+            return train.setup(c, str(tmp_path / "workdir"))
+        with pytest.raises(checkpointing.MissingCheckpointError):
+            modes.run_eval(c, str(tmp_path / "workdir"))
+
+    c[stage].max_new_tokens = 200
+    passes_the_check()  # long enough
+    c.data.allow_truncated_answers, c[stage].max_new_tokens = True, 12
+    passes_the_check()  # a smoke test's explicit opt-out
