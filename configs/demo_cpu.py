@@ -55,7 +55,7 @@ def get_config(arg=None):
 
     c.mesh.data = -1
 
-    c.sft.steps = 2200  # ~14 min here; with rendering, GRPO and evaluation the demo takes ~24 of its 30 min
+    c.sft.steps = 2200  # ~14 min here; with rendering, GRPO and evaluation the demo takes ~26 of its 30 min
     c.sft.batch_size = 16
     c.sft.learning_rate = 2e-3
     c.sft.num_differences = (1,)
