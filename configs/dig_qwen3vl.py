@@ -50,7 +50,7 @@ def get_config(arg=None):
     c.grpo.steps = 600
     c.grpo.prompts_per_batch = 32
     c.grpo.group_size = 8
-    c.grpo.max_new_tokens = 256
+    c.grpo.max_new_tokens = 512  # 8 boxes take up to ~300 tokens (checked at start-up)
     c.grpo.temperature = 1.0
     c.grpo.kl_coef = 0.01
     c.grpo.num_minibatches = 2
@@ -79,6 +79,6 @@ def get_config(arg=None):
     c.checkpoint.keep = 3
     c.log.every = 1
     c.eval.batch_size = 32
-    c.eval.max_new_tokens = 256
+    c.eval.max_new_tokens = 512
     c.eval.num_pairs = 1000
     return c
