@@ -86,7 +86,8 @@ def mean_box_side(pattern: str) -> float:
 def measure_view(view: dict, workdir: str) -> list[dict]:
     from configs import demo_cpu
     from data_pipeline.generate import generate_dataset
-    from dig_jax import modes, train
+    from dig_jax.eval.run import run_eval
+    from dig_jax.training.train import train
 
     c = view_config(view, _STEPS.value, _EVAL_EVERY.value)
     g = demo_cpu.datagen_config(c)
@@ -102,12 +103,12 @@ def measure_view(view: dict, workdir: str) -> list[dict]:
 
     run_dir = os.path.join(workdir, "run")
     t = time.time()
-    train.train(c, run_dir)
+    train(c, run_dir)
     train_s = time.time() - t
     rows = []
     for step in range(_EVAL_EVERY.value, _STEPS.value + 1, _EVAL_EVERY.value):
         c.eval.checkpoint_step = step
-        metrics = modes.run_eval(c, run_dir)
+        metrics = run_eval(c, run_dir)
         rows.append({"view": f"{view['fovy']:g}:{view['radius']:g}:{view['min_objects']}:{view['max_objects']}",
                      "box_side_px": side, "step": step,
                      "f1_one_difference": metrics.get("by_num_differences/1/f1", float("nan")),

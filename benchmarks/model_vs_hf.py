@@ -15,7 +15,7 @@ twice, text). Before any timing the logits of the two models are compared (max a
             ours is one jitted call (compile excluded), HF runs under torch.inference_mode with
             torch.set_num_threads(os.cpu_count()).
   generate  median wall time of greedy generation of `new_tokens` tokens (prefill included): ours is
-            `sampling.generate`, HF's `generate()`. EOS is set to an id outside the vocabulary for both,
+            `sampler.generate`, HF's `generate()`. EOS is set to an id outside the vocabulary for both,
             so every run produces exactly `new_tokens` tokens.
   decode    per-token time of the decode loop: (generate of new_tokens - generate of 1 token) /
             (new_tokens - 1), so that prefill (vision tower + prompt) cancels out.
@@ -25,7 +25,7 @@ twice, text). Before any timing the logits of the two models are compared (max a
 Ratios are ours / HF for times (lower is better) and ours / HF for tokens/s (higher is better).
 Bars from the issue: forward ratio <= 0.8; decode tokens/s ratio >= 1.
 
-GPU section: forward + backward (the SFT loss of `steps.sft_loss`: log-probs of the answer tokens after a
+GPU section: forward + backward (the SFT loss of `sft.sft_objective`: log-probs of the answer tokens after a
 prompt with two images) of a randomly initialised model in bfloat16 (`sharding.create_sharded` on a
 one-device mesh); tokens/s and model FLOPs utilisation. Model FLOPs = 6 x (matmul parameters x the
 tokens they process): decoder layers over every prompt+answer token, the LM head over answer tokens,
@@ -50,10 +50,14 @@ from flax import nnx
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import _common  # noqa: E402  (the benchmarks folder is not a package: scripts run by path)
 
-from dig_jax import hf_io, sampling, sharding, steps  # noqa: E402
+from dig_jax import sharding  # noqa: E402
+from dig_jax.generate import sampler  # noqa: E402
+from dig_jax.generate.batch import Completions, build_prompt_batch  # noqa: E402
 from dig_jax.models import config as C  # noqa: E402
+from dig_jax.models import hf_io  # noqa: E402
 from dig_jax.models.vlm import QwenVL, prepare_inputs  # noqa: E402
 from dig_jax.processing import ImageProcessorConfig, preprocess_images  # noqa: E402
+from dig_jax.rl import sft  # noqa: E402
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -170,16 +174,16 @@ def compare_preset(name: str, *, repeats: int, gen_repeats: int, new_tokens: int
 
     # ---- greedy generation, exactly new_tokens tokens ----------------------------------------------
     never = cfg.text.vocab_size  # an id the argmax can never return: no early stop
-    batch = sampling.build_prompt_batch(cfg, x.input_ids, mask, x.grids, x.pixel_values,
+    batch = build_prompt_batch(cfg, x.input_ids, mask, x.grids, x.pixel_values,
                                         length_multiple=x.input_ids.shape[1],  # no prompt padding
                                         pad_patches_to=x.pixel_values.shape[0])
     batch = jax.tree.map(jnp.asarray, batch)
     key = jax.random.key(0)
 
     def gen_ours(n):
-        scfg = sampling.SamplingConfig(max_new_tokens=n, temperature=0.0, eos_token_ids=(never,),
+        scfg = sampler.SamplingConfig(max_new_tokens=n, temperature=0.0, eos_token_ids=(never,),
                                        pad_token_id=cfg.pad_token_id)
-        return lambda: jax.block_until_ready(sampling.generate(ours, batch, key, scfg))
+        return lambda: jax.block_until_ready(sampler.generate(ours, batch, key, scfg))
 
     def gen_hf(n):
         return lambda: hf.generate(**kw, max_new_tokens=n, do_sample=False, eos_token_id=never,
@@ -234,13 +238,13 @@ def train_throughput(name: str, *, rows: int, text_tokens: int, answer_tokens: i
     graphdef, params = nnx.split(model, nnx.Param)
     x = build_inputs(cfg, text_tokens=text_tokens, image_size=image_size, rows=rows)
     mask = np.ones_like(x.input_ids)
-    prompts = sampling.build_prompt_batch(cfg, x.input_ids, mask, x.grids, x.pixel_values.astype(np.float32),
+    prompts = build_prompt_batch(cfg, x.input_ids, mask, x.grids, x.pixel_values.astype(np.float32),
                                           length_multiple=64)
     prompts = jax.tree.map(jnp.asarray, prompts)
     rng = np.random.default_rng(1)
-    answers = steps.Completions(jnp.asarray(rng.integers(0, 1000, (rows, answer_tokens)), jnp.int32),
+    answers = Completions(jnp.asarray(rng.integers(0, 1000, (rows, answer_tokens)), jnp.int32),
                                 jnp.ones((rows, answer_tokens), jnp.int32))
-    grad_fn = jax.jit(jax.value_and_grad(steps.sft_loss, argnums=1, has_aux=True), static_argnums=(0, 4))
+    grad_fn = jax.jit(jax.value_and_grad(sft.sft_objective, argnums=1, has_aux=True), static_argnums=(0, 4))
     run = lambda: jax.block_until_ready(grad_fn(graphdef, params, prompts, answers, 64))
     t0 = time.perf_counter()
     (loss, _), _ = run()

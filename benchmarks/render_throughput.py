@@ -16,7 +16,7 @@ rate of an idle machine when the work scales over cores.
 The loader row reads a 448 px dataset through `make_pair_dataset` (PNG decode, padding, batching of 8,
 Grain read threads), against a baseline of plain `schema.decode` in one thread in the same run.
 
-Reference bar on a 2-core machine (see shared/reference/datagen_notes.md): 448 px with 2 processes about
+Reference bar on a 2-core machine (measured with a prototype, Mesa llvmpipe): 448 px with 2 processes about
 12 pairs/s with shadows and 22 without; the loader about 300 pairs/s. The load average is printed because
 other work on the machine changes every number here.
 """

@@ -6,15 +6,15 @@
     python benchmarks/train_step.py --gpu-smoke                      # the GPU code path on a tiny model
 
 Everything runs through the trainer's own code on synthetic data (no dataset): random 224x224 image
-pairs with one random box go through `inputs.ExampleBuilder` (the project's tiny tokenizer with the real
+pairs with one random box go through `processing.examples.ExampleBuilder` (the project's tiny tokenizer with the real
 special ids, the family's image processor, the chat template), are stacked into a batch, and then
-  SFT step    `rollout.prompt_batch` + `steps.sft_step` (AdamW from `train.optimizer_for`), as the
+  SFT step    `prompt_batch` + `sft.sft_step` (AdamW from `training.state.optimizer_for`), as the
               trainer's supervised branch times it ("time/step");
-  GRPO        the work of `train.grpo_iteration` (one minibatch), each part blocked on before its clock
-              stops: rollout = `rollout.rollout`'s sampling of G answers per prompt (`sampling.generate`,
+  GRPO        the work of `grpo.grpo_iteration` (one minibatch), each part blocked on before its clock
+              stops: rollout = `grpo.rollout`'s sampling of G answers per prompt (`sampler.generate`,
               temperature 1, up to `new_tokens`); scoring = decoding the texts + DiG reward + advantages
-              + the frozen reference's log-probs (`steps.reference_logprobs`, KL 0.01); update =
-              `steps.grpo_step`.
+              + the frozen reference's log-probs (`grpo.reference_logprobs`, KL 0.01); update =
+              `grpo.grpo_step`.
 Times are medians over `repeats` iterations after one warm-up iteration (which compiles; its extra
 time is printed as `compile_s`). A randomly initialised policy rarely samples EOS, so rollouts run to
 `new_tokens`: these are worst-case rollout lengths.
@@ -41,11 +41,15 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import _common  # noqa: E402  (the benchmarks folder is not a package: scripts run by path)
 
 from configs import base as base_config  # noqa: E402
-from configs.datagen import KINDS  # noqa: E402
-from dig_jax import grpo, rewards, rollout, sampling, sharding, steps, train  # noqa: E402
-from dig_jax.inputs import ExampleBuilder, InputSpec, max_answer_tokens  # noqa: E402
+from data_pipeline.differences import KINDS  # noqa: E402
+from dig_jax import sharding  # noqa: E402
+from dig_jax.generate import sampler  # noqa: E402
+from dig_jax.generate.batch import answers, prompt_batch  # noqa: E402
 from dig_jax.models import config as C  # noqa: E402
 from dig_jax.models.vlm import QwenVL  # noqa: E402
+from dig_jax.processing.examples import ExampleBuilder, InputSpec, max_answer_tokens  # noqa: E402
+from dig_jax.rl import grpo, rewards, sft  # noqa: E402
+from dig_jax.training import state as training_state  # noqa: E402
 from dig_jax.processing import ImageProcessorConfig, build_tiny_tokenizer, load_tokenizer  # noqa: E402
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
@@ -88,22 +92,22 @@ def synthetic_batch(builder: ExampleBuilder, n: int, seed: int = 0) -> dict[str,
 
 def grpo_iteration_timed(graphdef, tx, params, opt_state, reference, batch, key, *, cfg, tokenizer, mesh, group,
                          prompt_bucket, chunk, sampling_config, reward_config, loss_config):
-    """The work of `train.grpo_iteration` with one minibatch, each part blocked on before its clock stops.
+    """The work of `grpo.grpo_iteration` with one minibatch, each part blocked on before its clock stops.
 
-    (`train.grpo_iteration` does not wait for the reference log-probs before reading the clock, so under
+    (`grpo.grpo_iteration` does not wait for the reference log-probs before reading the clock, so under
     asynchronous dispatch their time is booked to the update; here scoring includes them.)
     Returns (params, opt_state, {"rollout", "scoring", "update"} seconds, mean completion length).
     """
     model = nnx.merge(graphdef, params)
-    ro = rollout.rollout(model, batch, cfg=cfg, tokenizer=tokenizer, sampling_config=sampling_config,
-                         group_size=group, reward_config=reward_config, rng=key, mesh=mesh,
-                         prompt_bucket=prompt_bucket, adv_eps=loss_config.adv_eps)
+    ro = grpo.rollout(model, batch, cfg=cfg, tokenizer=tokenizer, sampling_config=sampling_config,
+                      group_size=group, reward_fn=rewards.dig_reward(reward_config), rng=key, mesh=mesh,
+                      prompt_bucket=prompt_bucket, loss_config=loss_config)
     t0 = time.perf_counter()
-    ref_logp = jax.block_until_ready(steps.reference_logprobs(graphdef, reference, ro.prompts, ro.completions,
+    ref_logp = jax.block_until_ready(grpo.reference_logprobs(graphdef, reference, ro.prompts, ro.completions,
                                                               chunk=chunk))
     seconds = {"rollout": ro.seconds["rollout"], "scoring": ro.seconds["scoring"] + time.perf_counter() - t0}
     t0 = time.perf_counter()
-    params, opt_state, out = steps.grpo_step(graphdef, tx, params, opt_state, ro.prompts, ro.completions,
+    params, opt_state, out = grpo.grpo_step(graphdef, tx, params, opt_state, ro.prompts, ro.completions,
                                              ro.old_logp, ref_logp, jnp.asarray(ro.advantages), loss_config,
                                              chunk=chunk)
     out = jax.device_get(out)
@@ -148,16 +152,16 @@ def run_config(preset: str, *, prompts: int, group: int, new_tokens: int, repeat
            "new_tokens": new_tokens, "params_M": n_params / 1e6}
 
     # ---- supervised step ---------------------------------------------------------------------------
-    tx = train.optimizer_for(c, "sft", params)
-    opt_state = train.init_optimizer_state(tx, params, mesh)
+    tx = training_state.optimizer_for(c, "sft", params)
+    opt_state = training_state.init_optimizer_state(tx, params, mesh)
     chunk = int(c.grpo.scoring_chunk)
     sft_times = []
     with sharding.activate(mesh):
         for _ in range(repeats + 1):
             t0 = time.perf_counter()
-            pb = rollout.prompt_batch(cfg, sft_batch, mesh=mesh, prompt_bucket=c.data.prompt_bucket)
-            params, opt_state, out = steps.sft_step(graphdef, tx, params, opt_state, pb,
-                                                    rollout.answers(sft_batch, mesh), chunk=chunk)
+            pb = prompt_batch(cfg, sft_batch, mesh=mesh, prompt_bucket=c.data.prompt_bucket)
+            params, opt_state, out = sft.sft_step(graphdef, tx, params, opt_state, pb,
+                                                    answers(sft_batch, mesh), chunk=chunk)
             loss = float(jax.device_get(out["loss"]))
             sft_times.append(time.perf_counter() - t0)
     if not np.isfinite(loss):
@@ -172,12 +176,12 @@ def run_config(preset: str, *, prompts: int, group: int, new_tokens: int, repeat
     print(f"[{preset}] sft step: {row['sft_s']:.3f} s (first call {sft_times[0]:.1f} s), loss {loss:.3f}", flush=True)
 
     # ---- GRPO iteration ----------------------------------------------------------------------------
-    tx = train.optimizer_for(c, "grpo", params)
-    opt_state = train.init_optimizer_state(tx, params, mesh)
+    tx = training_state.optimizer_for(c, "grpo", params)
+    opt_state = training_state.init_optimizer_state(tx, params, mesh)
     reference = jax.tree.map(jnp.copy, params)
-    loss_config = grpo.GRPOConfig(eps_low=c.grpo.eps_low, eps_high=c.grpo.eps_high, kl_coef=c.grpo.kl_coef)
+    loss_config = grpo.GRPOConfig.from_config(c.grpo)
     reward_config = rewards.RewardConfig(family=cfg.family)
-    sampling_config = sampling.SamplingConfig(max_new_tokens=new_tokens, temperature=1.0,
+    sampling_config = sampler.SamplingConfig(max_new_tokens=new_tokens, temperature=1.0,
                                               eos_token_ids=(cfg.eos_token_id,), pad_token_id=cfg.pad_token_id)
     parts: dict[str, list[float]] = {"rollout": [], "scoring": [], "update": [], "total": [], "length": []}
     key = jax.random.key(seed)
@@ -204,7 +208,7 @@ def run_config(preset: str, *, prompts: int, group: int, new_tokens: int, repeat
     # ---- utilisation (meaningful on an accelerator with a known peak) ------------------------------
     peak, note = _common.peak_flops(jax.devices()[0], peak_tflops)
     rows = prompts * group
-    pb = rollout.prompt_batch(cfg, grpo_batches[-1], group_size=group, prompt_bucket=c.data.prompt_bucket)
+    pb = prompt_batch(cfg, grpo_batches[-1], group_size=group, prompt_bucket=c.data.prompt_bucket)
     # The update encodes each distinct image once (G rows share it) and scores every row's completion.
     update_flops = _common.train_flops(counts, tokens=rows * (pb.input_ids.shape[1] + new_tokens),
                                        scored_tokens=rows * new_tokens, patches=int(pb.pixel_values.shape[0]),

@@ -11,7 +11,13 @@ def get_config(arg=None):
     del arg
     c = ml_collections.ConfigDict()
     c.seed = 0
+    for section in (_model, _data, _mesh, _optim, _sft,
+                    _grpo, _reward, _curriculum, _checkpoint_log_eval):
+        section(c)
+    return c
 
+
+def _model(c):
     # ---- model --------------------------------------------------------------------------------------
     c.model = ml_collections.ConfigDict()
     c.model.preset = "qwen3_vl_tiny"  # a name in dig_jax.models.config.PRESETS
@@ -30,6 +36,8 @@ def get_config(arg=None):
     # Field overrides of the preset, e.g. {"text": {"num_hidden_layers": 4}}: small variants for tests/demos.
     c.model.overrides = ml_collections.ConfigDict({"text": {}, "vision": {}})
 
+
+def _data(c):
     # ---- data ---------------------------------------------------------------------------------------
     c.data = ml_collections.ConfigDict()
     c.data.train_files = ""  # glob of ArrayRecord shards made by data_pipeline.generate
@@ -48,6 +56,8 @@ def get_config(arg=None):
     # them be shorter, for smoke tests that decode a few tokens from a random model.
     c.data.allow_truncated_answers = False
 
+
+def _mesh(c):
     # ---- mesh ---------------------------------------------------------------------------------------
     c.mesh = ml_collections.ConfigDict()
     c.mesh.data = -1  # -1: all remaining devices
@@ -55,6 +65,8 @@ def get_config(arg=None):
     c.mesh.tensor = 1
     c.mesh.num_devices = 0  # 0: every device; N: the first N (e.g. a single-device reference run)
 
+
+def _optim(c):
     # ---- optimisation -------------------------------------------------------------------------------
     c.optim = ml_collections.ConfigDict()
     c.optim.learning_rate = 1e-6
@@ -66,6 +78,8 @@ def get_config(arg=None):
     c.optim.grad_clip_norm = 1.0
     c.optim.grad_accum_steps = 1
 
+
+def _sft(c):
     # ---- supervised warm-up -------------------------------------------------------------------------
     c.sft = ml_collections.ConfigDict()
     c.sft.steps = 0
@@ -73,6 +87,8 @@ def get_config(arg=None):
     c.sft.learning_rate = 1e-5
     c.sft.num_differences = (1, 2, 3)  # which pairs the warm-up reads
 
+
+def _grpo(c):
     # ---- GRPO ---------------------------------------------------------------------------------------
     c.grpo = ml_collections.ConfigDict()
     c.grpo.steps = 0  # rollout iterations (each: sample, score, update)
@@ -86,23 +102,38 @@ def get_config(arg=None):
     c.grpo.eps_high = 0.28
     c.grpo.kl_coef = 0.01  # 0 drops the reference model
     c.grpo.num_minibatches = 1  # policy updates per rollout batch
-    c.grpo.scoring_chunk = 4096  # vocabulary chunk for log-softmax
+    c.grpo.scale_by_std = True  # advantages divided by the group std; False = Dr. GRPO (mean baseline only)
+    # Completion positions whose full-vocabulary logits are computed at a time when scoring answers (SFT
+    # loss, GRPO update, reference log-probs): float32[rows, scoring_chunk, V] at once. Each position's
+    # log-softmax is independent of the others, so this trades memory for loop steps only.
+    c.grpo.scoring_chunk = 64
 
+
+def _reward(c):
     # ---- reward -------------------------------------------------------------------------------------
     c.reward = ml_collections.ConfigDict()
+    c.reward.fn = "dig"  # the reward function, by name (dig_jax.rl.rewards.REWARD_FNS)
     c.reward.alpha = 0.1  # weight of the format reward
     c.reward.lambda1 = 0.5  # F1
     c.reward.lambda2 = 0.5  # mean IoU of matches
     c.reward.iou_threshold = 0.5
 
+
+def _curriculum(c):
     # ---- curriculum (GRPO phases) -------------------------------------------------------------------
+    # A phase ends after max_steps GRPO iterations, or earlier once the moving average of the batch-mean
+    # reward over `window` iterations reaches reward_threshold (not before min_steps). reward_threshold
+    # None = no early end: the phase runs its max_steps. The last phase runs until grpo.steps.
     c.curriculum = ml_collections.ConfigDict()
     c.curriculum.phases = [
-        {"name": "one", "selection": [[[1], 1.0]], "max_steps": 100, "reward_threshold": 0.0, "window": 10, "min_steps": 0},
+        {"name": "one", "selection": [[[1], 1.0]], "max_steps": 100, "reward_threshold": None, "window": 10,
+         "min_steps": 0},
         {"name": "mixed", "selection": [[[1], 0.34], [[2], 0.33], [[3], 0.33]], "max_steps": 100,
-         "reward_threshold": 0.0, "window": 10, "min_steps": 0},
+         "reward_threshold": None, "window": 10, "min_steps": 0},
     ]
 
+
+def _checkpoint_log_eval(c):
     # ---- checkpoints, logging, evaluation -----------------------------------------------------------
     c.checkpoint = ml_collections.ConfigDict()
     c.checkpoint.every = 100
@@ -111,6 +142,9 @@ def get_config(arg=None):
 
     c.log = ml_collections.ConfigDict()
     c.log.every = 10
+    # jax.transfer_guard level around the jitted steps: "disallow" turns any implicit host <-> device
+    # transfer inside them into an error (the tests run so); "log" prints them.
+    c.log.transfer_guard = "allow"
 
     c.eval = ml_collections.ConfigDict()
     c.eval.num_pairs = 64
@@ -118,4 +152,5 @@ def get_config(arg=None):
     c.eval.max_new_tokens = 512
     c.eval.num_visualise = 8
     c.eval.checkpoint_step = -1  # -1: the newest
-    return c
+    c.eval.every = 0  # during training, run the evaluators every N steps (0 = only in --mode=eval)
+    c.eval.evaluators = ("dig",)  # by name (dig_jax.eval.registry.EVALUATORS)

@@ -19,9 +19,7 @@ from configs import base
 
 
 def get_config(arg=None):
-    c = base.get_config(arg)
-    c.seed = 0
-    c.model.preset = "qwen3_vl_tiny"
+    c = base.get_config(arg)  # base's model.preset is already qwen3_vl_tiny
     c.model.compact_tokenizer = True  # a 1.2k-row output layer: the 152k one would dominate CPU time
     # 64 learned ViT positions = the 8x8 patch grid of a 128 px image, started from a 2-D sinusoid.
     c.model.vision_position_init = "sincos"
@@ -32,7 +30,7 @@ def get_config(arg=None):
                  "num_key_value_heads": 2, "head_dim": 32, "mrope_section": (8, 4, 4)},
     }
 
-    # The demo's data (rendered by dig_jax.demo with configs/datagen.py at this resolution).
+    # The demo's data (rendered by dig_jax.demo with data_pipeline/settings.py at this resolution).
     c.demo = ml_collections.ConfigDict()
     c.demo.resolution = 128
     # A close-up of two objects (field of view 10 instead of 42 degrees, objects within 0.10 m of the
@@ -53,8 +51,6 @@ def get_config(arg=None):
     c.data.prompt = "Find every difference between the two pictures. Answer with JSON boxes."
     c.data.prompt_bucket = 16
 
-    c.mesh.data = -1
-
     c.sft.steps = 2200  # ~14 min here; with rendering, GRPO and evaluation the demo takes ~26 of its 30 min
     c.sft.batch_size = 16
     c.sft.learning_rate = 2e-3
@@ -63,14 +59,10 @@ def get_config(arg=None):
     c.optim.warmup_steps = 30
     c.optim.learning_rate = 1e-4
     c.optim.weight_decay = 0.0
-    c.optim.grad_clip_norm = 1.0
 
     c.grpo.steps = 300  # ~7 min (1.4 s per iteration here)
-    c.grpo.prompts_per_batch = 8
     c.grpo.group_size = 4
     c.grpo.max_new_tokens = 80  # a two-box answer takes 75 tokens (checked at start-up)
-    c.grpo.temperature = 1.0
-    c.grpo.kl_coef = 0.01
     c.grpo.scoring_chunk = 16
 
     c.curriculum.phases = [
@@ -80,27 +72,16 @@ def get_config(arg=None):
          "reward_threshold": None, "window": 5, "min_steps": 0},
     ]
 
-    c.checkpoint.every = 100
     c.checkpoint.keep = 2
     c.log.every = 20
 
     c.eval.num_pairs = 200
-    c.eval.batch_size = 16
     c.eval.max_new_tokens = 80
-    c.eval.num_visualise = 8
     return c
 
 
 def datagen_config(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-    """The generator settings of the demo's data (`c.demo`): one or two differences of `c.demo.kinds`.
+    """The generator settings of the demo's data (`c.demo`): `data_pipeline.settings.demo_settings`."""
+    from data_pipeline import settings
 
-    Used by dig_jax.demo and benchmarks/demo_learnability.py, so both render the same scenes.
-    """
-    from configs import datagen
-
-    g = datagen.get_config(str(c.demo.resolution))
-    g.num_differences_min, g.num_differences_max = 1, 2
-    g.min_objects, g.max_objects = c.demo.min_objects, c.demo.max_objects
-    g.camera_fovy, g.placement_radius = c.demo.camera_fovy, c.demo.placement_radius
-    g.kinds = tuple(c.demo.kinds)
-    return g
+    return settings.demo_settings(c.demo)

@@ -8,13 +8,15 @@ difference to many, on Qwen3-VL 4B / 8B (or Qwen2.5-VL 3B / 7B) on a TPU slice.
 
 `arg` picks the model: "4b" (default), "8b", "qwen2_5_vl_3b", "qwen2_5_vl_7b".
 
-What comes from the paper (reference/dig_method.md): Qwen3-VL 4B/8B, GRPO with a KL term to the initial
-model, reward r = (1 - alpha) (lambda1 F1 + lambda2 IoU) + alpha r_format with Hungarian matching on
-L1 + GIoU, a curriculum whose number of differences grows across phases, about 4.8K training pairs
-(1.6K with one difference, 1.6K with two, 1.6K mixed). Everything else is our choice, taken from what
-the reference RL stacks use: group size 8, clip epsilons 0.2 / 0.28, KL coefficient 0.01 (k3),
-learning rate 1e-6 with warm-up, temperature 1.0, 448 px renders, no supervised warm-up (the released
-models already answer in the grounding JSON format), alpha 0.1 and lambda1 = lambda2 = 0.5.
+What comes from the paper (DiG: Differential Grounding, arXiv 2512.12633; the reward's details and the
+data size as third-party summaries of it report them): Qwen3-VL 4B/8B, GRPO with a KL term to the
+initial model, reward r = (1 - alpha) (lambda1 F1 + lambda2 IoU) + alpha r_format with Hungarian
+matching on L1 + GIoU, a curriculum whose number of differences grows across phases, about 4.8K training
+pairs (1.6K with one difference, 1.6K with two, 1.6K mixed). Everything else is our choice, taken from
+what open RL stacks (EasyR1, VLM-R1, Tunix, MaxText) use: group size 8, clip epsilons 0.2 / 0.28, KL
+coefficient 0.01 (k3), learning rate 1e-6 with warm-up, temperature 1.0, 448 px renders, no supervised
+warm-up (the released models already answer in the grounding JSON format), alpha 0.1 and
+lambda1 = lambda2 = 0.5.
 """
 from configs import base
 
@@ -32,39 +34,28 @@ def get_config(arg=None):
         raise ValueError(f"configs/dig_qwen3vl.py: unknown variant {arg!r}; choose one of {sorted(_MODELS)}")
     c = base.get_config()
     c.model.preset = _MODELS[arg]
-    c.model.param_dtype = "float32"  # master weights
-    c.model.dtype = "bfloat16"  # computation
-    c.model.freeze_vision = False
+    c.model.dtype = "bfloat16"  # computation; the master weights stay base's float32
 
-    c.data.label = "kind"
-    c.data.max_boxes = 8
+    # Base keeps: data.label "kind", data.max_boxes 8, the vision tower trained (not frozen).
     c.data.prompt_bucket = 128
 
-    # A v5p-32 slice has 16 chips: FSDP over all of them (a 4B/8B model does not need tensor parallelism).
+    # A v5p-32 slice has 16 chips: FSDP over all of them (a 4B/8B model does not need tensor parallelism,
+    # so mesh.tensor stays base's 1).
     c.mesh.data = 1
     c.mesh.fsdp = -1
-    c.mesh.tensor = 1
 
-    c.sft.steps = 0
+    # No supervised warm-up (base's sft.steps = 0); the batch size applies if one is switched on.
     c.sft.batch_size = 32
+    # Base keeps: group size 8, temperature 1.0, KL coefficient 0.01, and grpo/eval.max_new_tokens 512
+    # (8 boxes take up to ~300 tokens; checked at start-up).
     c.grpo.steps = 600
     c.grpo.prompts_per_batch = 32
-    c.grpo.group_size = 8
-    c.grpo.max_new_tokens = 512  # 8 boxes take up to ~300 tokens (checked at start-up)
-    c.grpo.temperature = 1.0
-    c.grpo.kl_coef = 0.01
     c.grpo.num_minibatches = 2
     c.grpo.scoring_chunk = 256
 
-    c.optim.learning_rate = 1e-6
+    # Base keeps: learning rate 1e-6, weight decay 0.01, gradient clipping at 1.0, and the reward weights
+    # (alpha 0.1, lambda1 = lambda2 = 0.5, IoU threshold 0.5).
     c.optim.warmup_steps = 20
-    c.optim.weight_decay = 0.01
-    c.optim.grad_clip_norm = 1.0
-
-    c.reward.alpha = 0.1
-    c.reward.lambda1 = 0.5
-    c.reward.lambda2 = 0.5
-    c.reward.iou_threshold = 0.5
 
     c.curriculum.phases = [
         {"name": "one", "selection": [[[1], 1.0]], "max_steps": 200, "reward_threshold": 0.85, "window": 20,
@@ -76,9 +67,7 @@ def get_config(arg=None):
     ]
 
     c.checkpoint.every = 50
-    c.checkpoint.keep = 3
     c.log.every = 1
     c.eval.batch_size = 32
-    c.eval.max_new_tokens = 512
     c.eval.num_pairs = 1000
     return c

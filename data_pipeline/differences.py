@@ -28,6 +28,10 @@ import numpy as np
 
 from data_pipeline import scene as scene_lib
 
+# Every kind of difference the generator can draw. A kind's position here is its id in the loader's
+# `kind_ids` and in evaluation, so append new kinds at the end.
+KINDS = ("add", "remove", "color", "material", "size", "shape", "move", "rotate")
+
 
 @dataclasses.dataclass(frozen=True)
 class DifferenceSettings:
@@ -35,7 +39,7 @@ class DifferenceSettings:
 
     num_differences_min: int = 1
     num_differences_max: int = 3
-    kinds: tuple = ("add", "remove", "color", "material", "size", "shape", "move", "rotate")
+    kinds: tuple = KINDS
     kind_weights: tuple | None = None
     move_distance: tuple = (0.07, 0.16)
     placement_radius: float = 0.42

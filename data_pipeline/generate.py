@@ -3,19 +3,21 @@
     python -m data_pipeline.generate --output_dir=/tmp/dig --num_pairs=10000 --seed=0 --workers=2 \
         --resolution=448 --config.shadows=True --config.num_differences_max=1
 
-Every field of `configs/datagen.py` can be overridden with `--config.<field>=value` (difference-count
-range `--config.num_differences_min/max`, `--config.kinds="('color','move')"`, `--config.shadows`, ...);
-`--resolution=R` picks that file's resolution preset, so the pixel thresholds scale with it. To split
-one dataset over several machines, give each the same flags plus its own `--shard_range=a:b` (shards
-a..b-1); they may share one output directory.
+Every field of the generator settings (`data_pipeline/settings.py`, the default `--config`) can be
+overridden with `--config.<field>=value` (difference-count range `--config.num_differences_min/max`,
+`--config.kinds="('color','move')"`, `--config.shadows`, ...); `--resolution=R` picks that file's
+resolution preset, so the pixel thresholds scale with it. To split one dataset over several machines,
+give each the same flags plus its own `--shard_range=a:b` (shards a..b-1); they may share one output
+directory.
 
 Guarantees, and how they are kept:
 - Determinism: pair i is rendered from `pair_seed(seed, i)`, and shard k always holds pairs
   [k*N//S, (k+1)*N//S) in order, so the bytes of every shard depend on (flags, config) only, never on the
   number of workers. Workers render and encode; the parent alone writes, in pair order.
-- Atomicity and resume: a shard is written to `<name>.tmp-<pid>`, fsynced, its sidecar
-  `<name-without-.array_record>.meta.json` (per-record num_differences, counts, rejections) is written
-  likewise, and only then is the shard renamed to its final name. A rerun keeps final shards whose sidecar
+- Atomicity and resume (the files' side is `data_pipeline.shards`): a shard is written to
+  `<name>.tmp-<host>-<pid>`, fsynced, its sidecar `<name-without-.array_record>.meta.json` (per-record
+  num_differences, counts, rejections) is written likewise, and only then is the shard renamed to its
+  final name. A rerun keeps final shards whose sidecar
   matches this run's settings and record count, deletes any temporary files of its range, and renders
   only the missing shards. A final shard made with other settings is an error, never silently mixed in,
   and so are shards of another dataset (another shard count) in the same directory.
@@ -32,55 +34,22 @@ from __future__ import annotations
 import collections
 import concurrent.futures
 import dataclasses
-import glob
 import itertools
-import json
 import multiprocessing
 import os
-import socket
 import sys
 import time
 import traceback
-from typing import Any, Iterator
+from typing import Iterator
 
-import numpy as np
+# Naming, the seed / shard arithmetic and the files' protocol live in data_pipeline.shards (re-exported here).
+from data_pipeline.shards import (META_SUFFIX, SHARD_SUFFIX, ShardWriter, finished_shards, meta_path, pair_seed,
+                                  run_fingerprint, shard_bounds, shard_filename, summarize, write_json_atomic)
 
-SHARD_SUFFIX = ".array_record"
-META_SUFFIX = ".meta.json"
+__all__ = ["META_SUFFIX", "SHARD_SUFFIX", "generate_dataset", "meta_path", "pair_seed", "shard_bounds",
+           "shard_filename"]
+
 DEFAULT_PAIRS_PER_SHARD = 500  # ~140 MB at 448 px; the unit of resume (about a minute of rendering)
-
-
-# ---------------------------------------------------------------------------------------------------
-# Naming and the seed / shard arithmetic that makes the output independent of the worker count.
-# ---------------------------------------------------------------------------------------------------
-def pair_seed(seed: int, index: int) -> int:
-    """The seed of pair `index` of a dataset with seed `seed`: a 63-bit hash, unrelated for nearby i."""
-    state = np.random.SeedSequence(seed, spawn_key=(index,)).generate_state(1, dtype=np.uint64)
-    return int(state[0] >> np.uint64(1))
-
-
-def shard_bounds(num_pairs: int, num_shards: int, shard: int) -> tuple[int, int]:
-    """Pair indices [start, stop) held by `shard`; sizes differ by at most one."""
-    return shard * num_pairs // num_shards, (shard + 1) * num_pairs // num_shards
-
-
-def shard_filename(shard: int, num_shards: int, prefix: str = "pairs") -> str:
-    return f"{prefix}-{shard:05d}-of-{num_shards:05d}{SHARD_SUFFIX}"
-
-
-def meta_path(shard_path: str) -> str:
-    """The sidecar JSON of a shard (per-record num_differences, counts); the loader reads it too."""
-    base = shard_path[: -len(SHARD_SUFFIX)] if shard_path.endswith(SHARD_SUFFIX) else shard_path
-    return base + META_SUFFIX
-
-
-def _write_json_atomic(path: str, obj: Any) -> None:
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=1, sort_keys=True)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -167,103 +136,6 @@ class _Progress:
         self.stream.flush()
 
 
-def _fingerprint(num_pairs: int, seed: int, num_shards: int, config) -> dict:
-    """Everything that determines the bytes of a shard; a resume must match it exactly."""
-    from data_pipeline import schema
-
-    config_dict = json.loads(json.dumps(config.to_dict(), sort_keys=True, default=list))
-    return {"format_version": schema.VERSION, "num_pairs": num_pairs, "seed": seed,
-            "num_shards": num_shards, "config": config_dict}
-
-
-def _diff(expected: dict, found: dict, path: str = "") -> list[str]:
-    out = []
-    for key in sorted(set(expected) | set(found)):
-        a, b = expected.get(key), found.get(key)
-        if isinstance(a, dict) and isinstance(b, dict):
-            out += _diff(a, b, f"{path}{key}.")
-        elif a != b:
-            out.append(f"{path}{key}: this run {a!r}, on disk {b!r}")
-    return out
-
-
-def _num_records(path: str) -> int:
-    """Records in a shard, or -1 when array_record cannot read the file."""
-    from array_record.python.array_record_module import ArrayRecordReader
-
-    reader = ArrayRecordReader(path)
-    ok = reader.ok()
-    n = reader.num_records() if ok else -1
-    try:
-        reader.close()
-    except RuntimeError:
-        return -1
-    return n
-
-
-def _check_complete_shard(path: str, fingerprint: dict) -> dict:
-    """Returns the sidecar of a finished shard after checking it belongs to this run."""
-    mpath = meta_path(path)
-    if not os.path.exists(mpath):
-        raise RuntimeError(f"{path} exists but its sidecar {mpath} does not; it was not written by this "
-                           "generator's atomic protocol. Delete the shard to have it rendered again.")
-    with open(mpath) as f:
-        meta = json.load(f)
-    differences = _diff(fingerprint, meta.get("fingerprint", {}))
-    if differences:
-        raise RuntimeError(f"{path} was generated with other settings, so it cannot be resumed into this "
-                           f"dataset; use a new --output_dir. Differences: {'; '.join(differences[:5])}")
-    found = _num_records(path)
-    if found != meta["num_records"]:
-        raise RuntimeError(f"{path} holds {found} records but its sidecar says {meta['num_records']}: "
-                           "the shard is damaged. Delete it (and its .meta.json) to render it again.")
-    return meta
-
-
-class _ShardWriter:
-    """Writes one shard to a temporary name; `commit` makes it final (sidecar first, then rename)."""
-
-    def __init__(self, path: str, shard: int, start: int, stop: int, fingerprint: dict):
-        from array_record.python.array_record_module import ArrayRecordWriter
-
-        self.path, self.tmp = path, f"{path}.tmp-{socket.gethostname()}-{os.getpid()}"
-        self.writer = ArrayRecordWriter(self.tmp, "group_size:1")  # Grain warns on larger groups
-        self.meta = {"fingerprint": fingerprint, "shard": shard, "first_pair": start, "num_pairs": stop - start,
-                     "num_records": 0, "num_differences": [], "seeds": [], "kinds": collections.Counter(),
-                     "rejections": collections.Counter(), "attempts": 0, "failed": [], "render_seconds": 0.0,
-                     "render_cpu_seconds": 0.0}
-
-    def add(self, r: _Result) -> None:
-        self.meta["render_seconds"] += r.seconds
-        self.meta["render_cpu_seconds"] += r.cpu_seconds
-        if r.record is None:
-            self.meta["failed"].append({"index": r.index, "seed": r.seed, "error": r.error})
-            return
-        self.writer.write(r.record)
-        self.meta["num_records"] += 1
-        self.meta["num_differences"].append(r.num_differences)
-        self.meta["seeds"].append(r.seed)
-        self.meta["kinds"].update(r.kinds)
-        self.meta["rejections"].update(r.rejections)
-        self.meta["attempts"] += r.attempts
-
-    def commit(self) -> dict:
-        self.writer.close()
-        with open(self.tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        meta = {**self.meta, "kinds": dict(self.meta["kinds"]), "rejections": dict(self.meta["rejections"])}
-        _write_json_atomic(meta_path(self.path), meta)
-        os.replace(self.tmp, self.path)
-        return meta
-
-    def abort(self) -> None:
-        try:
-            self.writer.close()
-        finally:
-            if os.path.exists(self.tmp):
-                os.remove(self.tmp)
-
-
 def _results(tasks: Iterator[tuple[int, int]], num_tasks: int, config, workers: int,
              llvmpipe_threads: int) -> Iterator[_Result]:
     """Results in task order, rendered in this process (workers == 1) or by a spawn pool."""
@@ -298,48 +170,6 @@ def _results(tasks: Iterator[tuple[int, int]], num_tasks: int, config, workers: 
         executor.shutdown(wait=False, cancel_futures=True)
 
 
-def _summary(metas: list[dict], paths: list[str]) -> dict:
-    kinds, rejections, per_nd = collections.Counter(), collections.Counter(), collections.Counter()
-    failed, attempts = [], 0
-    for meta in metas:
-        kinds.update(meta["kinds"])
-        rejections.update(meta["rejections"])
-        per_nd.update(str(n) for n in meta["num_differences"])
-        failed += meta["failed"]
-        attempts += meta["attempts"]
-    records = sum(m["num_records"] for m in metas)
-    return {
-        "shards": [{"file": os.path.basename(p), "first_pair": m["first_pair"], "num_pairs": m["num_pairs"],
-                    "num_records": m["num_records"]} for p, m in zip(paths, metas)],
-        "num_records": records,
-        "num_failed": len(failed),
-        "failed": [{k: f[k] for k in ("index", "seed")} for f in failed],
-        "counts_per_kind": dict(sorted(kinds.items())),
-        "counts_per_num_differences": dict(sorted(per_nd.items(), key=lambda kv: int(kv[0]))),
-        "rejections": dict(sorted(rejections.items())),
-        "mean_attempts_per_pair": attempts / records if records else None,
-    }
-
-
-def _finished_shards(paths: list[str], lo: int, hi: int, fingerprint: dict) -> dict[int, dict]:
-    """Deletes temporary files of shards lo..hi-1 and returns the sidecars of those already final."""
-    directory, expected = os.path.dirname(paths[0]), {os.path.basename(p) for p in paths}
-    foreign = sorted(os.path.basename(p) for p in glob.glob(os.path.join(glob.escape(directory), "*" + SHARD_SUFFIX))
-                     if os.path.basename(p) not in expected)
-    if foreign:  # a reader globbing *.array_record would mix them into this dataset
-        raise RuntimeError(f"{directory} already holds shards of another dataset ({', '.join(foreign[:3])}"
-                           f"{', ...' if len(foreign) > 3 else ''}); this run would write {len(paths)} shards "
-                           f"named like {os.path.basename(paths[0])}. Use a new --output_dir.")
-    metas = {}
-    for k in range(lo, hi):
-        stale = glob.glob(glob.escape(paths[k]) + ".tmp*") + glob.glob(glob.escape(meta_path(paths[k])) + ".tmp*")
-        for path in stale:
-            os.remove(path)  # left by a killed run: never trusted, never appended to
-        if os.path.exists(paths[k]):
-            metas[k] = _check_complete_shard(paths[k], fingerprint)
-    return metas
-
-
 def _render_shards(todo: list[int], paths: list[str], num_pairs: int, seed: int, fingerprint: dict, config,
                    workers: int, llvmpipe_threads: int, max_failed_fraction: float, progress: bool,
                    metas: dict[int, dict]) -> dict:
@@ -358,7 +188,7 @@ def _render_shards(todo: list[int], paths: list[str], num_pairs: int, seed: int,
             cpu_seconds += r.cpu_seconds
             k = todo[current]
             if writer is None:
-                writer = _ShardWriter(paths[k], k, *bounds[current], fingerprint)
+                writer = ShardWriter(paths[k], k, *bounds[current], fingerprint)
             writer.add(r)
             if r.record is None:
                 failed += 1
@@ -397,7 +227,7 @@ def generate_dataset(output_dir: str, num_pairs: int, seed: int = 0, workers: in
       num_pairs: pairs in the whole dataset (all shards, not just `shard_range`).
       seed: dataset seed; pair i uses `pair_seed(seed, i)`.
       workers: rendering processes (1 = in this process).
-      config: a `configs.datagen` ConfigDict (validated here); None = `get_config()` (448 px).
+      config: a `data_pipeline.settings` ConfigDict (validated here); None = `get_config()` (448 px).
       num_shards: None = ceil(num_pairs / 500).
       shard_range: (a, b) renders only shards a..b-1 (several machines, one dataset).
       max_failed_fraction: pairs whose `make_pair` raised are skipped and listed in the summary; more
@@ -409,10 +239,10 @@ def generate_dataset(output_dir: str, num_pairs: int, seed: int = 0, workers: in
       ValueError naming the argument that is wrong; RuntimeError for a final shard on disk that does
       not belong to this dataset or is damaged, or when too many pairs fail.
     """
-    from configs import datagen
+    from data_pipeline import settings
 
-    config = datagen.get_config() if config is None else config
-    datagen.validate(config)
+    config = settings.get_config() if config is None else config
+    settings.validate(config)
     if not isinstance(num_pairs, int) or num_pairs < 1:
         raise ValueError(f"num_pairs must be an int >= 1, got {num_pairs!r}")
     if not isinstance(seed, int) or seed < 0:
@@ -431,9 +261,9 @@ def generate_dataset(output_dir: str, num_pairs: int, seed: int = 0, workers: in
         llvmpipe_threads = max(1, (os.cpu_count() or 1) // workers) if workers > 1 else 0
 
     os.makedirs(output_dir, exist_ok=True)
-    fingerprint = _fingerprint(num_pairs, seed, num_shards, config)
+    fingerprint = run_fingerprint(num_pairs, seed, num_shards, config)
     paths = [os.path.join(output_dir, shard_filename(k, num_shards)) for k in range(num_shards)]
-    metas = _finished_shards(paths, lo, hi, fingerprint)
+    metas = finished_shards(paths, lo, hi, fingerprint)
     todo = [k for k in range(lo, hi) if k not in metas]
     run = _render_shards(todo, paths, num_pairs, seed, fingerprint, config, workers, llvmpipe_threads,
                          max_failed_fraction, progress, metas)
@@ -445,11 +275,11 @@ def generate_dataset(output_dir: str, num_pairs: int, seed: int = 0, workers: in
                   "max_failed_fraction": max_failed_fraction, "llvmpipe_threads": llvmpipe_threads},
         "config": fingerprint["config"],
         "format_version": fingerprint["format_version"],
-        **_summary([metas[k] for k in keys], [paths[k] for k in keys]),
+        **summarize([metas[k] for k in keys], [paths[k] for k in keys]),
         "this_run": run,
     }
     name = "summary.json" if (lo, hi) == (0, num_shards) else f"summary-{lo:05d}-{hi:05d}.json"
-    _write_json_atomic(os.path.join(output_dir, name), summary)
+    write_json_atomic(os.path.join(output_dir, name), summary)
     return summary
 
 
@@ -461,13 +291,13 @@ def _define_flags():
     from absl import flags
     from ml_collections import config_flags
 
-    from configs import datagen
+    from data_pipeline import settings
 
     flags.DEFINE_string("output_dir", None, "Directory for the shards, sidecars and summary.json.", required=True)
     flags.DEFINE_integer("num_pairs", None, "Pairs in the whole dataset.", required=True, lower_bound=1)
     flags.DEFINE_integer("seed", 0, "Dataset seed; pair i uses pair_seed(seed, i).", lower_bound=0)
     flags.DEFINE_integer("workers", 1, "Rendering processes (spawned; 1 = in the main process).", lower_bound=1)
-    flags.DEFINE_integer("resolution", None, "Image side in pixels: picks configs/datagen.py's preset "
+    flags.DEFINE_integer("resolution", None, "Image side in pixels: picks data_pipeline/settings.py's preset "
                          "(pixel thresholds scale with it). Default: the --config's resolution.",
                          lower_bound=32, upper_bound=2048)
     flags.DEFINE_integer("num_shards", 0, "Shards of the whole dataset; 0 = ceil(num_pairs/500).", lower_bound=0)
@@ -478,8 +308,8 @@ def _define_flags():
     flags.DEFINE_integer("llvmpipe_threads", -1, "LP_NUM_THREADS per worker; -1 = cores/workers when "
                          "workers > 1 (else unset), 0 = leave the environment alone.")
     flags.DEFINE_bool("progress", True, "Show the progress line on stderr.")
-    config_flags.DEFINE_config_file("config", datagen.__file__, "Generator config file (configs/datagen.py).",
-                                    lock_config=True)
+    config_flags.DEFINE_config_file("config", settings.__file__,
+                                    "Generator config file (default data_pipeline/settings.py).", lock_config=True)
 
     def parse_range(value: str) -> bool:
         if not value:
@@ -498,7 +328,7 @@ def main(argv: list[str]) -> None:
     from absl import app, flags, logging
     from ml_collections import config_flags
 
-    from configs import datagen
+    from data_pipeline import settings
     from data_pipeline.generate import generate_dataset  # by its import name, so spawn can pickle workers
 
     if len(argv) > 1:
@@ -510,7 +340,7 @@ def main(argv: list[str]) -> None:
         if "resolution" in overrides:
             raise app.UsageError(f"--resolution={FLAGS.resolution} contradicts "
                                  f"--config.resolution={overrides['resolution']}; give one of them")
-        config = datagen.get_config(str(FLAGS.resolution))
+        config = settings.get_config(str(FLAGS.resolution))
         for path, value in overrides.items():
             target = config
             *parents, leaf = path.split(".")
@@ -518,7 +348,7 @@ def main(argv: list[str]) -> None:
                 target = target[p]
             target[leaf] = value
     try:
-        datagen.validate(config)
+        settings.validate(config)
     except ValueError as e:
         raise app.UsageError(f"--config: {e}") from None
     shard_range = tuple(int(p) for p in FLAGS.shard_range.split(":")) if FLAGS.shard_range else None

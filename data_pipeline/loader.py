@@ -29,7 +29,7 @@ Example dict (before batching; a batch adds a leading B axis):
     image_a, image_b  uint8[H, W, 3]
     boxes             float32[max_boxes, 4]  pixel xyxy, zero rows past num_differences
     box_mask          bool[max_boxes]        True for real boxes
-    kind_ids          int32[max_boxes]       index into configs.datagen.KINDS, -1 for padding
+    kind_ids          int32[max_boxes]       index into data_pipeline.differences.KINDS, -1 for padding
     num_differences   int32[]
     seed              int64[]                the pair's render seed (reproduces it)
     record_id         int64[]                global index of the record in the sorted shard list
@@ -47,9 +47,9 @@ import grain
 import numpy as np
 from array_record.python.array_record_module import ArrayRecordReader
 
-from configs.datagen import KINDS
+from data_pipeline.differences import KINDS
 from data_pipeline import schema
-from data_pipeline.generate import meta_path
+from data_pipeline.shards import meta_path
 
 _KIND_ID = {k: i for i, k in enumerate(KINDS)}
 

@@ -11,8 +11,10 @@ of scene A below min_visible_pixels), difference_unrealisable (e.g. no room to m
 object), and validate.check_pair's difference_occluded, difference_invisible, boxes_overlap,
 unexplained_change (see data_pipeline/validate.py). Each scene or difference candidate counts once.
 
-Throughput (single process; measured numbers in the H1 report): each accepted pair costs two RGB frames
-and two segmentation frames; a rejected difference re-renders only B. Run one generator per core with
+Throughput (single process): each accepted pair costs two RGB frames and two segmentation frames; a
+rejected difference re-renders only B. One 448 px RGB frame takes about 13 ms without shadows (29 ms with
+shadows and 4x anti-aliasing) and a segmentation frame 8-10 ms on llvmpipe, i.e. roughly 10-16 pairs/s
+per process at 448 px (benchmarks/render_throughput.py measures it). Run one generator per core with
 LP_NUM_THREADS=1 (see data_pipeline/render.py).
 """
 
@@ -24,10 +26,10 @@ import dataclasses
 import ml_collections
 import numpy as np
 
-from configs import datagen as datagen_config
 from data_pipeline import differences as diff_lib
 from data_pipeline import render as render_lib
 from data_pipeline import scene as scene_lib
+from data_pipeline import settings as settings_lib
 from data_pipeline import validate as validate_lib
 
 
@@ -53,7 +55,7 @@ class PairGenerator:
     """Owns one MuJoCo model + offscreen Renderer; create ONE per process, inside that process."""
 
     def __init__(self, config: ml_collections.ConfigDict):
-        datagen_config.validate(config)
+        settings_lib.validate(config)
         self.config = config
         self.scene_settings = scene_lib.SceneSettings.from_config(config)
         self.difference_settings = diff_lib.DifferenceSettings.from_config(config)

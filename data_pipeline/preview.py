@@ -14,7 +14,7 @@ from typing import Sequence
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from configs.datagen import KINDS
+from data_pipeline.differences import KINDS
 
 # One colour per kind, fixed so that sheets of different datasets compare. Unknown kinds are white.
 _PALETTE = [(255, 64, 64), (64, 160, 255), (255, 200, 0), (0, 220, 120), (220, 80, 255), (255, 128, 0),

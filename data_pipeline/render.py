@@ -7,7 +7,7 @@ of object *slots* (a geom with its own material each). A scene is shown by editi
 segmentation label is the object id. Unused slots are moved to geom group 3, which the renderer does not
 draw (so they neither appear, cast shadows nor show up in the segmentation).
 
-Process rules (measured, see shared/reference/datagen_notes.md):
+Process rules (measured with Mesa llvmpipe through EGL on a 2-core machine):
   * MUJOCO_GL=egl must be set before mujoco is imported (done below with setdefault).
   * Create one SceneRenderer per process, inside that process; never fork after creating one (EGL hangs).
   * llvmpipe (Mesa's CPU GL) spreads each frame over all cores. When running one worker per core, set

@@ -184,11 +184,3 @@ def sample_scene(rng: np.random.Generator, settings: SceneSettings, max_layouts:
         f"could not place {n} objects in {max_layouts} layouts "
         f"(placement_radius={settings.placement_radius}, min_gap={settings.min_gap})"
     )
-
-
-def object_by_id(spec: dict, object_id: int) -> dict | None:
-    """The object with `object_id` in `spec`, or None if the spec does not hold it."""
-    for o in spec["objects"]:
-        if o["id"] == object_id:
-            return o
-    return None

@@ -9,7 +9,8 @@ import math
 
 import ml_collections
 
-from dig_jax.curriculum import Curriculum
+from dig_jax import sharding
+from dig_jax.rl.curriculum import Curriculum
 from dig_jax.models import config as model_config
 
 _DTYPES = ("float32", "bfloat16")
@@ -24,37 +25,56 @@ def _fail(field: str, why: str):
 
 
 def _positive(c, field: str, allow_zero: bool = False):
-    value = c
-    for part in field.split("."):
-        if part not in value:
-            _fail(field, "is missing")
-        value = value[part]
+    value = _value(c, field)
     if not isinstance(value, (int, float)) or isinstance(value, bool) or value < 0 or (value == 0 and not allow_zero):
         _fail(field, f"must be a {'non-negative' if allow_zero else 'positive'} number, got {value!r}")
     return value
 
 
 def mesh_shape(c: ml_collections.ConfigDict, num_devices: int) -> tuple[int, int, int]:
-    """Resolves the (data, fsdp, tensor) mesh shape; -1 in one axis takes the remaining devices."""
+    """Resolves the (data, fsdp, tensor) mesh shape; -1 in one axis takes the remaining devices.
+
+    The resolution is `sharding.resolve_mesh_shape` (the one the mesh is built with); its errors come
+    back worded for the config fields."""
     shape = [c.mesh.data, c.mesh.fsdp, c.mesh.tensor]
     names = ("mesh.data", "mesh.fsdp", "mesh.tensor")
     for name, s in zip(names, shape):
         if not isinstance(s, int) or (s <= 0 and s != -1):
             _fail(name, f"must be a positive integer or -1, got {s!r}")
-    if shape.count(-1) > 1:
-        _fail("mesh", f"at most one axis may be -1, got data={shape[0]} fsdp={shape[1]} tensor={shape[2]}")
-    if -1 in shape:
-        known = math.prod(s for s in shape if s != -1)
-        if num_devices % known:
+    try:
+        return sharding.resolve_mesh_shape(shape, num_devices)
+    except sharding.MeshShapeError as e:
+        if e.reason == "fill":
+            _fail("mesh", f"at most one axis may be -1, got data={shape[0]} fsdp={shape[1]} tensor={shape[2]}")
+        if e.reason == "divide":
+            known = math.prod(s for s in shape if s != -1)
             _fail("mesh", f"fsdp x tensor x data = {known} x ... does not divide the {num_devices} devices")
-        shape[shape.index(-1)] = num_devices // known
-    if math.prod(shape) != num_devices:
-        _fail("mesh", f"data={shape[0]} x fsdp={shape[1]} x tensor={shape[2]} = {math.prod(shape)} devices, "
+        d, f, t = e.shape
+        _fail("mesh", f"data={d} x fsdp={f} x tensor={t} = {math.prod(e.shape)} devices, "
                       f"but {num_devices} are available")
-    return tuple(shape)
 
 
 def validate(c: ml_collections.ConfigDict, num_devices: int, num_processes: int = 1) -> None:
+    """Raises ConfigError naming the first field that cannot work (checked in the order below)."""
+    _check_model(c)
+    _check_batches(c, num_devices, num_processes)
+    _check_optimisation(c)
+    _check_data(c)
+    _check_curriculum(c)
+    _check_reward_and_eval(c)
+
+
+def _value(c, field: str):
+    """The value at a dotted path; a ConfigError naming the field when it is missing."""
+    value = c
+    for part in field.split("."):
+        if part not in value:
+            _fail(field, "is missing")
+        value = value[part]
+    return value
+
+
+def _check_model(c) -> None:
     if c.model.preset not in model_config.PRESETS:
         _fail("model.preset", f"{c.model.preset!r} is not one of {sorted(model_config.PRESETS)}")
     for field in ("model.dtype", "model.param_dtype"):
@@ -69,6 +89,9 @@ def validate(c: ml_collections.ConfigDict, num_devices: int, num_processes: int 
     if c.model.vision_position_init == "sincos" and not c.model.preset.startswith("qwen3_vl"):
         _fail("model.vision_position_init", f"'sincos' initialises Qwen3-VL's learned position table; preset "
                                             f"{c.model.preset!r} has none")
+
+
+def _check_batches(c, num_devices: int, num_processes: int) -> None:
     data, fsdp, _ = mesh_shape(c, num_devices)
     batch_axes = data * fsdp
     in_use = {"sft.batch_size": c.sft.steps > 0, "grpo.prompts_per_batch": c.grpo.steps > 0, "eval.batch_size": True}
@@ -88,6 +111,9 @@ def validate(c: ml_collections.ConfigDict, num_devices: int, num_processes: int 
     if c.grpo.steps and rows % batch_axes:
         _fail("grpo.num_minibatches", f"each minibatch of {rows} sequences must divide over the {batch_axes} "
                                       "batch shards")
+
+
+def _check_optimisation(c) -> None:
     for field in ("sft.steps", "grpo.steps"):
         _positive(c, field, allow_zero=True)
     for field in ("grpo.group_size", "grpo.max_new_tokens", "optim.learning_rate", "sft.learning_rate",
@@ -102,10 +128,18 @@ def validate(c: ml_collections.ConfigDict, num_devices: int, num_processes: int 
         _fail("grpo.temperature", f"must be >= 0, got {c.grpo.temperature}")
     for field in ("grpo.eps_low", "grpo.eps_high", "grpo.kl_coef"):
         _positive(c, field, allow_zero=True)
+    if not isinstance(_value(c, "grpo.scale_by_std"), bool):
+        _fail("grpo.scale_by_std", f"must be True or False, got {c.grpo.scale_by_std!r}")
+    chunk = _value(c, "grpo.scoring_chunk")
+    if isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1:
+        _fail("grpo.scoring_chunk", f"must be an int >= 1 (completion positions per logits chunk), got {chunk!r}")
     if not 0 <= c.reward.alpha <= 1:
         _fail("reward.alpha", f"must be in [0, 1], got {c.reward.alpha}")
     if not 0 < c.reward.iou_threshold <= 1:
         _fail("reward.iou_threshold", f"must be in (0, 1], got {c.reward.iou_threshold}")
+
+
+def _check_data(c) -> None:
     if c.data.on_corrupt not in ("error", "skip"):
         _fail("data.on_corrupt", f"{c.data.on_corrupt!r} is not 'error' or 'skip'")
     if (c.sft.steps or c.grpo.steps) and not c.data.train_files:
@@ -114,10 +148,38 @@ def validate(c: ml_collections.ConfigDict, num_devices: int, num_processes: int 
     if not nd or any(not isinstance(n, int) or n < 0 for n in nd) or max(nd) > c.data.max_boxes:
         _fail("sft.num_differences", f"{nd} must be non-negative difference counts <= data.max_boxes "
                                      f"({c.data.max_boxes})")
+
+
+def _check_curriculum(c) -> None:
     if not c.curriculum.phases and c.grpo.steps:
         _fail("curriculum.phases", "GRPO needs at least one phase")
-    if c.curriculum.phases:
-        try:  # the trainer builds the same object; its errors already name `curriculum.phases[i].field`
-            Curriculum(list(c.curriculum.phases))
-        except ValueError as e:
-            raise ConfigError(f"config.{e}") from None
+    if not c.curriculum.phases:
+        return
+    try:  # the trainer builds the same object; its errors already name `curriculum.phases[i].field`
+        curriculum = Curriculum(list(c.curriculum.phases))
+    except ValueError as e:
+        raise ConfigError(f"config.{e}") from None
+    if c.reward.get("fn", "dig") != "dig":
+        return
+    for i, phase in enumerate(curriculum.phases):
+        # Every DiG reward is >= 0 and the threshold is inclusive: such a phase would end at its first window.
+        if phase.reward_threshold is not None and phase.reward_threshold <= 0:
+            _fail(f"curriculum.phases[{i}].reward_threshold",
+                  f"{phase.reward_threshold} is met by every window of DiG rewards (all >= 0), so phase "
+                  f"{phase.name!r} would end after its first {phase.window} steps; use None to end it after "
+                  "max_steps only")
+
+
+def _check_reward_and_eval(c) -> None:
+    from dig_jax.rl.rewards import REWARD_FNS  # lazily: scipy and the answer parser are not needed above
+
+    fn = _value(c, "reward.fn")
+    if not isinstance(fn, str) or fn not in REWARD_FNS:
+        _fail("reward.fn", f"{fn!r} is not one of {sorted(REWARD_FNS)}")
+    every = _value(c, "eval.every")
+    if isinstance(every, bool) or not isinstance(every, int) or every < 0:
+        _fail("eval.every", f"must be an int >= 0 (0 = only in --mode=eval), got {every!r}")
+    evaluators = _value(c, "eval.evaluators")
+    if isinstance(evaluators, str) or not isinstance(evaluators, (tuple, list)) or not evaluators \
+            or not all(isinstance(name, str) and name for name in evaluators):
+        _fail("eval.evaluators", f"must be a non-empty tuple of evaluator names (strings), got {evaluators!r}")

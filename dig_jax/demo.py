@@ -17,8 +17,6 @@ import time
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from configs import demo_cpu
-
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/demo_cpu.py", "Training configuration.")
 _WORKDIR = flags.DEFINE_string("workdir", "demo_out", "Where data, checkpoints and the report go.")
 _TRAIN_PAIRS = flags.DEFINE_integer("num_train_pairs", 12000, "Rendered training pairs.")
@@ -27,10 +25,11 @@ _WORKERS = flags.DEFINE_integer("workers", 2, "Rendering processes.")
 
 
 def render(c, workdir: str) -> tuple[str, str]:
+    from data_pipeline import settings
     from data_pipeline.generate import generate_dataset
     from data_pipeline.preview import preview_shards
 
-    g = demo_cpu.datagen_config(c)
+    g = settings.demo_settings(c.demo)
     train_dir, eval_dir = os.path.join(workdir, "data", "train"), os.path.join(workdir, "data", "eval")
     generate_dataset(train_dir, _TRAIN_PAIRS.value, seed=1, workers=_WORKERS.value, config=g)
     generate_dataset(eval_dir, _EVAL_PAIRS.value, seed=2, workers=_WORKERS.value, config=g)
@@ -122,8 +121,8 @@ def main(argv):
     del argv
     import shutil
 
-    from dig_jax import modes
-    from dig_jax import train
+    from dig_jax.eval.run import run_eval
+    from dig_jax.training.train import train
 
     # Orbax logs every save at INFO; the demo's own progress lines (print) are what a reader wants.
     logging.set_verbosity(logging.WARNING)
@@ -137,14 +136,14 @@ def main(argv):
 
     run_dir = os.path.join(workdir, "run")
     t = time.time()
-    train.train(c, run_dir)
+    train(c, run_dir)
     seconds["train"] = time.time() - t
 
     t = time.time()
     results = {}
     for name, step in (("after warm-up", c.sft.steps), ("after GRPO", c.sft.steps + c.grpo.steps)):
         c.eval.checkpoint_step = step
-        results[name] = modes.run_eval(c, run_dir)
+        results[name] = run_eval(c, run_dir)
     seconds["evaluate"] = time.time() - t
     shutil.copy(os.path.join(run_dir, "eval", f"step_{c.sft.steps + c.grpo.steps}", "predictions.png"),
                 os.path.join(workdir, "predictions.png"))

@@ -10,10 +10,10 @@ JAX_COORDINATOR_ADDRESS=host:port, JAX_NUM_PROCESSES and JAX_PROCESS_ID on every
 """
 from __future__ import annotations
 
-import os
-
 from absl import app, flags
 from ml_collections import config_flags
+
+from dig_jax import multihost
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Training configuration file.", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs, evaluation output.")
@@ -25,36 +25,19 @@ _DISTRIBUTED = flags.DEFINE_enum("distributed", "auto", ["auto", "true", "false"
 flags.mark_flags_as_required(["config", "workdir"])
 
 
-def _maybe_initialize_distributed(mode: str) -> None:
-    import jax
-
-    multi_host_tpu = bool(os.environ.get("TPU_WORKER_HOSTNAMES", "").count(","))
-    coordinator = bool(os.environ.get("JAX_COORDINATOR_ADDRESS"))
-    if mode == "true" or (mode == "auto" and (multi_host_tpu or coordinator)):
-        explicit = {}
-        for key, env in (("num_processes", "JAX_NUM_PROCESSES"), ("process_id", "JAX_PROCESS_ID")):
-            value = os.environ.get(env)
-            if value:
-                if not value.isdigit():
-                    raise ValueError(f"{env}={value!r}: expected a non-negative integer")
-                explicit[key] = int(value)
-        if os.environ.get("JAX_PLATFORMS", "").split(",")[0] == "cpu":
-            jax.config.update("jax_cpu_collectives_implementation", "gloo")  # CPU processes need a transport
-        jax.distributed.initialize(**explicit)
-
-
 def main(argv):
     del argv
-    _maybe_initialize_distributed(_DISTRIBUTED.value)
-    from dig_jax import modes, train
+    multihost.maybe_initialize_distributed(_DISTRIBUTED.value)
+    from dig_jax.eval.run import run_eval, run_export
+    from dig_jax.training.train import train
 
     c, workdir = _CONFIG.value, _WORKDIR.value
     if _MODE.value == "train":
-        train.train(c, workdir)
+        train(c, workdir)
     elif _MODE.value == "eval":
-        modes.run_eval(c, workdir)
+        run_eval(c, workdir)
     else:
-        modes.run_export(c, workdir, _EXPORT_DIR.value)
+        run_export(c, workdir, _EXPORT_DIR.value)
 
 
 if __name__ == "__main__":

@@ -49,6 +49,38 @@ DEFAULT_RULES: Rules = (
 LOGICAL_AXES_KEY = "logical_axes"
 
 
+class MeshShapeError(ValueError):
+    """A mesh shape that cannot cover the devices. `reason` says which rule failed ("axes": not one entry
+    per axis, "fill": more than one -1, "divide": the fixed axes do not divide the devices, "count": the
+    product is not the device count), so callers (the config check) can word it for their own fields."""
+
+    def __init__(self, message: str, reason: str, shape: Sequence[int], num_devices: int):
+        super().__init__(message)
+        self.reason, self.shape, self.num_devices = reason, tuple(shape), num_devices
+
+
+def resolve_mesh_shape(shape: Sequence[int], num_devices: int,
+                       axis_names: Sequence[str] = MESH_AXES) -> tuple[int, ...]:
+    """`shape` with its one -1 entry (if any) filled with the remaining devices; the only place that
+    resolves and checks a mesh shape. Raises MeshShapeError naming the axes when it cannot work."""
+    shape = list(shape)
+    if len(shape) != len(axis_names):
+        raise MeshShapeError(f"mesh shape {shape} must have one entry per axis {tuple(axis_names)}",
+                             "axes", shape, num_devices)
+    if shape.count(-1) > 1:
+        raise MeshShapeError(f"mesh shape {shape}: at most one axis may be -1", "fill", shape, num_devices)
+    if -1 in shape:
+        known = math.prod(s for s in shape if s != -1)
+        if num_devices % known:
+            raise MeshShapeError(f"mesh shape {dict(zip(axis_names, shape))} does not divide the {num_devices} "
+                                 "devices", "divide", shape, num_devices)
+        shape[shape.index(-1)] = num_devices // known
+    if any(s <= 0 for s in shape) or math.prod(shape) != num_devices:
+        raise MeshShapeError(f"mesh shape {dict(zip(axis_names, shape))} needs {math.prod(shape)} devices, "
+                             f"but {num_devices} are available", "count", shape, num_devices)
+    return tuple(shape)
+
+
 def make_mesh(shape: Sequence[int], devices: Sequence[jax.Device] | None = None,
               axis_names: Sequence[str] = MESH_AXES) -> Mesh:
     """Builds a mesh of `shape` over `devices` (default: all). One entry may be -1 (fills the rest).
@@ -56,19 +88,7 @@ def make_mesh(shape: Sequence[int], devices: Sequence[jax.Device] | None = None,
     Raises a ValueError that names the culprit when the shape does not divide the devices.
     """
     devices = list(jax.devices() if devices is None else devices)
-    shape = list(shape)
-    if len(shape) != len(axis_names):
-        raise ValueError(f"mesh shape {shape} must have one entry per axis {tuple(axis_names)}")
-    if shape.count(-1) > 1:
-        raise ValueError(f"mesh shape {shape}: at most one axis may be -1")
-    if -1 in shape:
-        known = math.prod(s for s in shape if s != -1)
-        if len(devices) % known:
-            raise ValueError(f"mesh shape {dict(zip(axis_names, shape))} does not divide the {len(devices)} devices")
-        shape[shape.index(-1)] = len(devices) // known
-    if any(s <= 0 for s in shape) or math.prod(shape) != len(devices):
-        raise ValueError(f"mesh shape {dict(zip(axis_names, shape))} needs {math.prod(shape)} devices, "
-                         f"but {len(devices)} are available")
+    shape = resolve_mesh_shape(shape, len(devices), axis_names)
     return Mesh(np.asarray(devices).reshape(shape), tuple(axis_names))
 
 
@@ -177,15 +197,66 @@ def data_sharding(mesh: Mesh, ndim: int, rules: Rules = DEFAULT_RULES) -> NamedS
     return NamedSharding(mesh, logical_to_spec(("batch",) + (None,) * (ndim - 1), rules, mesh))
 
 
-def to_host(x) -> np.ndarray:
-    """The whole value of `x` as numpy, on every process.
+def place_batch(tree, mesh: Mesh | None):
+    """Row-major host arrays onto `mesh`: the batch axis over the data axes where it divides (and is at
+    least one row per shard); everything else, and batches that do not divide, replicated."""
+    if mesh is None:
+        return jax.tree.map(jax.numpy.asarray, tree)
+    batch_shards = mesh.shape["data"] * mesh.shape["fsdp"]
 
-    On one process (or for a replicated array) this is `np.asarray`. On a pod a batch-sharded array
-    spans devices of other hosts, which `jax.device_get` cannot read; the host-side steps that follow
-    (decoding sampled tokens, scoring them) run on the global batch on every host, so gather it.
+    def put(x):
+        x = np.asarray(x)
+        if x.ndim >= 1 and x.shape[0] % batch_shards == 0 and x.shape[0] >= batch_shards:
+            return jax.device_put(x, data_sharding(mesh, x.ndim))
+        return jax.device_put(x, NamedSharding(mesh, P()))
+
+    return jax.tree.map(put, tree)
+
+
+def place_local_batch(tree, mesh: Mesh, axis: int = 0):
+    """Like `place_batch`, but each process passes only ITS rows (equal shares, in process order) and
+    places them on its own devices (`jax.make_array_from_process_local_data`), so no host holds or
+    sends the global batch. The global batch axis `axis` has rows x process_count rows; it is sharded
+    over the data axes where that divides (as `place_batch` decides), and where it does not (a short
+    evaluation batch) the arrays, small token rows, are gathered and replicated.
+
+    On one process the result equals `place_batch(tree, mesh)` (for axis 0), array and sharding.
     """
-    if not isinstance(x, jax.Array) or x.is_fully_addressable or x.is_fully_replicated:
-        return np.asarray(jax.device_get(x))
-    from jax.experimental import multihost_utils
+    batch_shards = mesh.shape["data"] * mesh.shape["fsdp"]
+    n_proc = jax.process_count()
 
-    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+    def put(x):
+        x = np.asarray(x)
+        if x.ndim == 0:
+            return jax.device_put(x, NamedSharding(mesh, P()))
+        rows = x.shape[axis] * n_proc
+        if rows % batch_shards == 0 and rows >= batch_shards:
+            logical = tuple("batch" if d == axis else None for d in range(x.ndim))
+            spec = logical_to_spec(logical, mesh=mesh)
+            global_shape = x.shape[:axis] + (rows,) + x.shape[axis + 1:]
+            return jax.make_array_from_process_local_data(NamedSharding(mesh, spec), x, global_shape)
+        if n_proc > 1:
+            from jax.experimental import multihost_utils
+
+            x = np.concatenate(list(np.asarray(multihost_utils.process_allgather(x))), axis=axis)
+        return jax.device_put(x, NamedSharding(mesh, P()))
+
+    return jax.tree.map(put, tree)
+
+
+def pin_shardings(tree):
+    """Constrains every array of `tree` (parameters, optimiser state) to the sharding of its logical axes
+    (replicated when it has none); a no-op outside `activate`.
+
+    Why: without it XLA picks the output shardings of a step freely (a replicated norm scale may come
+    back sharded over fsdp), so the second call sees different input shardings and compiles the whole
+    step again. Pinned, the outputs have exactly the shardings of the inputs and each step compiles once.
+    """
+    def pin(x):
+        if isinstance(x, nnx.Variable):
+            logical = x.get_metadata().get(LOGICAL_AXES_KEY)
+            value = x.get_value()
+            return x.replace(constrain(value, logical if logical is not None else (None,) * value.ndim))
+        return constrain(x, (None,) * x.ndim) if isinstance(x, jax.Array) else x
+
+    return jax.tree.map(pin, tree, is_leaf=lambda x: isinstance(x, nnx.Variable))

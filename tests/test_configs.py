@@ -1,10 +1,15 @@
-"""Every shipped config validates, and its model config builds (full sizes only abstractly)."""
+"""Every shipped config validates, and its model config builds (full sizes only abstractly); the fields
+the validator checks name themselves in its errors."""
+import os
+
 import pytest
 
 from configs import base, demo_cpu, dig_qwen3vl
-from dig_jax import builders
+from dig_jax import assemble
 from dig_jax.config_validation import ConfigError, validate
-from dig_jax.curriculum import Curriculum
+from dig_jax.rl.curriculum import Curriculum
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.mark.parametrize("variant", ["4b", "8b", "qwen2_5_vl_3b", "qwen2_5_vl_7b"])
@@ -14,7 +19,7 @@ def test_paper_configs_validate_on_a_pod(variant):
     c.data.train_files = "/data/*.array_record"
     validate(c, num_devices=16, num_processes=4)
     Curriculum(list(c.curriculum.phases))
-    assert builders.model_family(_with_preset(c)) in ("qwen3_vl", "qwen2_5_vl")
+    assert assemble.model_family(_with_preset(c)) in ("qwen3_vl", "qwen2_5_vl")
 
 
 def _with_preset(c):
@@ -48,10 +53,92 @@ def test_paper_config_generation_caps_hold_max_boxes_answers(variant, tmp_path):
     (same pre-tokenizer: digits one by one, so coordinates cost as much) on 1024 px renders (4-digit pixel
     coordinates for Qwen2.5-VL)."""
     c = _with_preset(dig_qwen3vl.get_config(variant))
-    family = builders.model_family(c)
-    tok_path = builders.tokenizer_path(c, str(tmp_path), family)
-    cfg = builders.model_config_from(c, builders.load_run_tokenizer(c, tok_path))
-    builder = builders.example_builder(c, cfg, tok_path, (1024, 1024))
+    family = assemble.model_family(c)
+    tok_path = assemble.tokenizer_path(c, str(tmp_path), family)
+    cfg = assemble.model_config_from(c, assemble.load_run_tokenizer(c, tok_path))
+    builder = assemble.example_builder(c, cfg, tok_path, (1024, 1024))
     for field in ("grpo.max_new_tokens", "eval.max_new_tokens"):
         section, name = field.split(".")
-        builders.check_room_for_answers(c, builder, field, c[section][name])
+        assemble.check_room_for_answers(c, builder, field, c[section][name])
+
+
+def _demo_with_data():
+    c = demo_cpu.get_config()
+    c.data.train_files = "/data/*.array_record"
+    return c
+
+
+@pytest.mark.parametrize("field, value", [
+    ("reward.fn", "f1_only"),  # not a registered reward
+    ("reward.fn", 3),
+    ("grpo.scale_by_std", 1),  # a bool, not a truthy number
+    ("grpo.scale_by_std", "yes"),
+    ("grpo.scoring_chunk", 0),
+    ("eval.every", -1),
+    ("eval.every", 2.5),
+    ("eval.every", True),
+    ("eval.evaluators", ()),
+    ("eval.evaluators", "dig"),  # a bare string, not a tuple of names
+    ("eval.evaluators", ("dig", 3)),
+])
+def test_new_fields_are_checked_and_named(field, value):
+    c = _demo_with_data()
+    section, name = field.split(".")
+    with c.unlocked():  # delete first: ConfigDict would refuse a value of another type as a TypeError
+        del c[section][name]
+        c[section][name] = value
+    with pytest.raises(ConfigError) as e:
+        validate(c, num_devices=1)
+    assert str(e.value).startswith(f"config.{field}:"), str(e.value)
+
+
+def test_new_fields_accept_their_documented_values():
+    c = _demo_with_data()
+    c.grpo.scale_by_std = False
+    c.eval.every = 50
+    c.eval.evaluators = ("dig", "dig_visualise")
+    validate(c, num_devices=1)
+
+
+def test_missing_new_field_is_named():
+    c = _demo_with_data()
+    with c.unlocked():
+        del c.eval["evaluators"]
+    with pytest.raises(ConfigError, match=r"^config.eval.evaluators: is missing"):
+        validate(c, num_devices=1)
+
+
+def test_zero_reward_threshold_is_refused_for_the_dig_reward():
+    """A DiG reward is >= 0, so an inclusive threshold of 0 ends its phase after the first window."""
+    c = _demo_with_data()
+    phases = [dict(p) for p in c.curriculum.phases]
+    phases[0]["reward_threshold"] = 0.0
+    c.curriculum.phases = phases
+    with pytest.raises(ConfigError, match=r"^config.curriculum.phases\[0\].reward_threshold: 0.0 .* use None"):
+        validate(c, num_devices=1)
+
+
+def test_base_curriculum_runs_each_phase_to_max_steps():
+    phases = Curriculum(list(base.get_config().curriculum.phases)).phases
+    assert [p.reward_threshold for p in phases] == [None, None]
+    assert all(p.max_steps for p in phases)
+
+
+def test_base_scoring_chunk_counts_completion_positions():
+    """64 positions per chunk bounds the scorer's float32[rows, chunk, V] logits (the jitted steps' default)."""
+    assert base.get_config().grpo.scoring_chunk == 64
+
+
+def test_datagen_config_file_is_the_data_pipeline_settings():
+    """configs/datagen.py stays a config file for `--config=configs/datagen.py:224`, loaded by path."""
+    from absl import flags
+    from ml_collections import config_flags
+
+    from data_pipeline import settings
+
+    path = os.path.join(REPO, "configs", "datagen.py")
+    values = flags.FlagValues()
+    config_flags.DEFINE_config_file("config", path, flag_values=values)
+    values(["prog", f"--config={path}:224"])
+    assert values.config.to_dict() == settings.get_config("224").to_dict()
+    settings.validate(values.config)

@@ -13,7 +13,7 @@ from typing import Literal
 Family = Literal["qwen2_5_vl", "qwen3_vl"]
 FAMILIES: tuple[str, ...] = ("qwen2_5_vl", "qwen3_vl")
 
-# Special token ids shared by both families (Qwen2 tokenizer); see reference/qwen_vl_spec.md section 5.
+# Special token ids shared by both families (the released Qwen2 tokenizer's tokenizer_config.json).
 ENDOFTEXT_ID = 151643
 IM_START_ID = 151644
 IM_END_ID = 151645
@@ -186,7 +186,8 @@ def qwen3_vl_8b() -> ModelConfig:
 
 
 def qwen2_5_vl_tiny(vocab_size: int = 151936) -> ModelConfig:
-    """The tiny Qwen2.5-VL of the tests and the CPU demo (sizes from reference/qwen_vl_spec.md 3.1)."""
+    """The tiny Qwen2.5-VL of the tests and the CPU demo (text 64 wide, 2 layers; vision 32 wide, 2 blocks,
+    full attention in block 1; tied): small enough to compare with a random HF model of the same config."""
     vision = VisionConfig(depth=2, hidden_size=32, intermediate_size=48, num_heads=2, out_hidden_size=64,
                           patch_size=14, window_size=112, fullatt_block_indexes=(1,))
     text = TextConfig(vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
@@ -196,7 +197,8 @@ def qwen2_5_vl_tiny(vocab_size: int = 151936) -> ModelConfig:
 
 
 def qwen3_vl_tiny(vocab_size: int = 151936) -> ModelConfig:
-    """The tiny Qwen3-VL of the tests and the CPU demo (sizes from reference/qwen_vl_spec.md 3.1)."""
+    """The tiny Qwen3-VL of the tests and the CPU demo (text 64 wide, 3 layers; vision 32 wide, 3 blocks, a
+    4x4 position table, DeepStack after blocks 0 and 1; tied): small enough to compare with a random HF model."""
     vision = VisionConfig(depth=3, hidden_size=32, intermediate_size=48, num_heads=2, out_hidden_size=64,
                           patch_size=16, num_position_embeddings=16, deepstack_visual_indexes=(0, 1))
     text = TextConfig(vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=3,

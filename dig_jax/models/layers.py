@@ -1,8 +1,9 @@
 """Building blocks shared by the vision tower and the text decoder of both families.
 
-Every layer follows the Hugging Face numerics exactly (see reference/qwen_vl_spec.md section 8):
-RMSNorm normalises in float32 and casts back to the input dtype *before* the scale; rotary embeddings use
-the rotate-half (split halves) convention.
+Every layer follows the Hugging Face numerics exactly, where ports usually break parity: RMSNorm
+normalises in float32 and casts back to the input dtype *before* the scale (no 1 + w offset, which
+matters in bfloat16); rotary embeddings use the rotate-half (split halves) convention over the full head
+dimension, never interleaved pairs.
 
 Axis legend for shapes: B batch, L length, D model width, F feed-forward width, N heads, H head dim.
 `dtype` is the computation dtype, `param_dtype` the storage dtype of parameters.
@@ -44,6 +45,22 @@ class Dense(nnx.Module):
         if self.bias is not None:
             y = y + self.bias.get_value().astype(self.dtype)
         return y
+
+
+class SwiGLU(nnx.Module):
+    """down(silu(gate(x)) * up(x)): the text decoder's MLP (no biases) and the Qwen2.5-VL ViT's (with
+    biases). One implementation, so both follow HF identically; the attribute names are the HF ones
+    (`gate_proj`, `up_proj`, `down_proj`), which the checkpoint mappings rely on."""
+
+    def __init__(self, dim: int, hidden: int, *, use_bias: bool, rngs: nnx.Rngs, dtype: DType = jnp.float32,
+                 param_dtype: DType = jnp.float32):
+        kw = dict(use_bias=use_bias, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
+        self.gate_proj = Dense(dim, hidden, logical_axes=("embed", "mlp"), **kw)
+        self.up_proj = Dense(dim, hidden, logical_axes=("embed", "mlp"), **kw)
+        self.down_proj = Dense(hidden, dim, logical_axes=("mlp", "embed"), **kw)
+
+    def __call__(self, x: jax.Array) -> jax.Array:  # float[..., D] -> float[..., D]
+        return self.down_proj(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
 class RMSNorm(nnx.Module):

@@ -3,8 +3,8 @@
 Computed with numpy outside `jit` because it depends on the image grid sizes (Python ints); the
 results are passed into the model as arrays, so the compiled forward never sees a grid shape.
 
-Rules (reference/qwen_vl_spec.md section 1.4): padding (attention_mask 0) is dropped, then the valid
-tokens are grouped into runs of text / image-pad tokens. A text run of n tokens gets cur..cur+n-1 on all
+Rules (HF 5.24 `get_rope_index` for images, identical there to the older Qwen algorithm): padding
+(attention_mask 0) is dropped, then the valid tokens are grouped into runs of text / image-pad tokens. A text run of n tokens gets cur..cur+n-1 on all
 three axes; an image run with grid (t, h, w) gets T = cur, H = cur + row, W = cur + col over the merged
 (h/m, w/m) raster, and then cur advances by max(h, w) // m. Padded positions stay 0.
 rope_delta = max(position) + 1 - n_valid, so the next generated token sits at n_valid + rope_delta.

@@ -27,7 +27,7 @@ import numpy as np
 from flax import nnx
 
 from dig_jax.models.config import TextConfig
-from dig_jax.models.layers import Dense, DType, RMSNorm, apply_rotary, param
+from dig_jax.models.layers import Dense, DType, RMSNorm, SwiGLU, apply_rotary, param
 from dig_jax.sharding import constrain
 
 
@@ -166,20 +166,6 @@ class Attention(nnx.Module):
         return self.o_proj(out), new_kv
 
 
-class MLP(nnx.Module):
-    """SwiGLU: down(silu(gate(x)) * up(x)), no biases."""
-
-    def __init__(self, cfg: TextConfig, *, rngs: nnx.Rngs, dtype: DType, param_dtype: DType):
-        d, f = cfg.hidden_size, cfg.intermediate_size
-        kw = dict(use_bias=False, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
-        self.gate_proj = Dense(d, f, logical_axes=("embed", "mlp"), **kw)
-        self.up_proj = Dense(d, f, logical_axes=("embed", "mlp"), **kw)
-        self.down_proj = Dense(f, d, logical_axes=("mlp", "embed"), **kw)
-
-    def __call__(self, x: jax.Array) -> jax.Array:
-        return self.down_proj(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x))
-
-
 class DecoderLayer(nnx.Module):
     """Pre-norm block: h = x + attn(norm(x)); out = h + mlp(norm(h))."""
 
@@ -188,7 +174,8 @@ class DecoderLayer(nnx.Module):
         self.self_attn = Attention(cfg, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, rngs=rngs,
                                                 param_dtype=param_dtype)
-        self.mlp = MLP(cfg, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
+        self.mlp = SwiGLU(cfg.hidden_size, cfg.intermediate_size, use_bias=False, rngs=rngs, dtype=dtype,
+                          param_dtype=param_dtype)
 
     def __call__(self, x, cos, sin, key_valid, cache_index, kv):
         attn, new_kv = self.self_attn(self.input_layernorm(x), cos, sin, key_valid, cache_index, kv)
@@ -200,7 +187,7 @@ class TextDecoder(nnx.Module):
     """Embedding, decoder layers, final norm and the (tied or untied) LM head.
 
     Attribute names follow HF (`embed_tokens`, `layers[i].self_attn.q_proj`, `norm`, `lm_head`) so the
-    checkpoint mapping in `dig_jax.hf_io` reads as a rename.
+    checkpoint mapping in `dig_jax.models.hf_io` reads as a rename.
     """
 
     def __init__(self, cfg: TextConfig, *, tie_word_embeddings: bool, rngs: nnx.Rngs,
@@ -275,7 +262,7 @@ class TextDecoder(nnx.Module):
 def text_param_mapping(cfg: TextConfig) -> list[tuple[str, tuple, str]]:
     """(HF name below `model.language_model.`, path inside TextDecoder, transform) for every decoder weight.
 
-    Transforms as in `dig_jax.hf_io`: "linear" (torch [out, in] <-> our kernel [in, out]) or "copy".
+    Transforms as in `dig_jax.models.hf_io`: "linear" (torch [out, in] <-> our kernel [in, out]) or "copy".
     The untied `lm_head` lives outside `model.language_model` in HF and is added by `hf_io`.
     """
     out: list[tuple[str, tuple, str]] = [("embed_tokens.weight", ("embed_tokens", "weight"), "copy"),

@@ -1,7 +1,11 @@
 """The vision towers of Qwen2.5-VL and Qwen3-VL (ViT + patch merger) in Flax NNX.
 
 Numerics follow Hugging Face transformers 5.24 (`Qwen2_5_VisionTransformerPretrainedModel`,
-`Qwen3VLVisionModel`; see reference/qwen_vl_spec.md sections 1.2, 2 and 8) and are tested against it.
+`Qwen3VLVisionModel`) and are tested against it. Where parity usually breaks: the patch mergers use
+exact-erf GELU, the Qwen3-VL ViT MLP tanh GELU (`gelu_pytorch_tanh`), the Qwen2.5-VL ViT MLP SwiGLU with
+biases; Qwen2.5-VL blocks use RMSNorm, Qwen3-VL blocks LayerNorm with bias (eps 1e-6 in both); the
+Qwen2.5-VL window permutation applies to the hidden states and the rotary tables, in 4-patch units, and is
+undone after the merger; its full-attention blocks are block-diagonal per frame, not global.
 All grid-dependent index arithmetic (window permutation, segment ids, rotary positions, position-embedding
 taps) arrives precomputed in `VisionInputs` (host-side numpy, `vision_inputs.py`), so the forward pass has
 static shapes: one compilation per padded patch count N, whatever the mix of image sizes.
@@ -22,7 +26,7 @@ import numpy as np
 from flax import nnx
 
 from dig_jax.models.config import FAMILIES, VisionConfig
-from dig_jax.models.layers import Dense, LayerNorm, RMSNorm, apply_rotary, param
+from dig_jax.models.layers import Dense, LayerNorm, RMSNorm, SwiGLU, apply_rotary, param
 from dig_jax.models.vision_inputs import VisionInputs
 from dig_jax.sharding import constrain
 
@@ -185,20 +189,6 @@ def segment_attention(q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax
     return jax.lax.map(lambda b: attend(*b), blocks).reshape(q.shape)
 
 
-class SwiGLU(nnx.Module):
-    """Qwen2.5-VL ViT MLP: down(silu(gate(x)) * up(x)), all with bias."""
-
-    def __init__(self, cfg: VisionConfig, *, rngs: nnx.Rngs, dtype, param_dtype):
-        d, f = cfg.hidden_size, cfg.intermediate_size
-        kw = dict(use_bias=True, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
-        self.gate_proj = Dense(d, f, logical_axes=("embed", "mlp"), **kw)
-        self.up_proj = Dense(d, f, logical_axes=("embed", "mlp"), **kw)
-        self.down_proj = Dense(f, d, logical_axes=("mlp", "embed"), **kw)
-
-    def __call__(self, x: jax.Array) -> jax.Array:
-        return self.down_proj(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x))
-
-
 class GeluMLP(nnx.Module):
     """Qwen3-VL ViT MLP: fc2(gelu_tanh(fc1(x))), with bias (HF `gelu_pytorch_tanh`)."""
 
@@ -221,8 +211,11 @@ class VisionBlock(nnx.Module):
         self.norm2 = _norm(cfg, family, cfg.hidden_size, rngs, param_dtype)
         self.attn = VisionAttention(cfg, rngs=rngs, dtype=dtype, param_dtype=param_dtype, query_chunk=query_chunk,
                                     attention_block=attention_block)
-        mlp = SwiGLU if family == QWEN25 else GeluMLP
-        self.mlp = mlp(cfg, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
+        if family == QWEN25:
+            self.mlp = SwiGLU(cfg.hidden_size, cfg.intermediate_size, use_bias=True, rngs=rngs, dtype=dtype,
+                              param_dtype=param_dtype)
+        else:
+            self.mlp = GeluMLP(cfg, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
 
     def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, segment_ids: jax.Array) -> jax.Array:
         x = x + self.attn(self.norm1(x), cos, sin, segment_ids)

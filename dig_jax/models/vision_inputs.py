@@ -5,7 +5,7 @@ pixel values. Computing it with numpy on the host keeps data-dependent shapes (n
 lengths, per-image offsets) out of the traced graph: the tower only ever sees fixed-size integer arrays
 of the padded patch count `N`, so a bucketed `N` compiles once for any mix of image sizes.
 
-Orders (see reference/qwen_vl_spec.md sections 1.2 and 4):
+Orders (those of HF's image processor and vision towers):
   * *pixel order*: the rows of `pixel_values` as the HF processor emits them, images concatenated, each
     image in 2x2 merge-block order (block_row, block_col, in_row, in_col), frames repeated t times.
   * *block order*: the order the ViT blocks see the patches. Qwen2.5-VL permutes pixel order in merged

@@ -8,7 +8,8 @@ Interface (what the sampler, the GRPO losses and `hf_io` build on)
 Host side (numpy, outside jit; depends on image sizes):
   prepare_inputs(cfg, input_ids, attention_mask, image_grid_thw, pad_patches_to=None)
       -> (position_ids int32[3, B, L], rope_deltas int32[B, 1], VisionInputs | None)
-      Checks that the image-pad token count equals the grids' merged-token count (clear error if not).
+      Checks every image-pad run against its grid (clear error if not). `rope_positions` is that check
+      plus the positions, the one implementation shared with generate.batch.build_prompt_batch.
 
 Device side (jit-friendly, static shapes):
   model = QwenVL(cfg, rngs=nnx.Rngs(0), dtype=jnp.float32, param_dtype=jnp.float32)
@@ -29,14 +30,17 @@ Device side (jit-friendly, static shapes):
   model.lm_head_matrix() -> float[D, V]          (the transposed embedding table when tied)
   init_cache(cfg, batch, max_len, dtype) -> KVCache   (per layer keys/values float[B, S, K, H], valid int32[B, S])
   next_position_ids(cache, rope_deltas) -> int32[3, B, 1]
-      The decode-step position: (#valid slots so far) + rope_delta, the same on all three axes
-      (reference/qwen_vl_spec.md 1.4). Call it before the step that writes the token.
+      The decode-step position: (#valid slots so far) + rope_delta = max prompt position + 1 + k at
+      step k, the same on all three axes (as HF's generation). Call it before the step that writes the token.
 
 HF-like convenience: model(input_ids, pixel_values, image_grid_thw, attention_mask) -> logits float32[B, L, V]
 does the host preparation and then calls `forward` under jit (retraces per shape; for tests and notebooks).
 
-Positions for teacher-forced scoring: run `prepare_inputs` over prompt + completion (left padded);
-the completion is a text run that continues from the prompt, which reproduces decode-time positions.
+Positions for teacher-forced scoring: only the prompt's positions come from the host (`rope_positions`,
+via generate.batch.build_prompt_batch, with the prompt's rope_deltas). The completion is a text run that
+continues from the prompt, so its token j sits at max prompt position + 1 + j on all three axes (what
+`get_rope_index` over prompt + completion would give, and what decoding used); `dig_jax.generate.scoring`
+computes these on device with `generate.sampler.decode_positions`.
 """
 from __future__ import annotations
 
@@ -73,6 +77,51 @@ def count_image_tokens(grid_thw: np.ndarray, spatial_merge_size: int) -> int:
     return int(np.sum(np.prod(grid_thw, axis=1)) // spatial_merge_size**2)
 
 
+def image_runs(input_ids: np.ndarray, attention_mask: np.ndarray, image_token_id: int) -> list[list[int]]:
+    """Per row, the lengths of its runs of image-pad tokens among the valid tokens (one run per image:
+    adjacent images are separated by vision_end / vision_start tokens)."""
+    out = []
+    for ids, m in zip(input_ids, attention_mask):
+        is_img = np.concatenate([[False], ids[np.asarray(m).astype(bool)] == image_token_id, [False]])
+        edges = np.flatnonzero(np.diff(is_img.astype(np.int8)))
+        out.append((edges[1::2] - edges[0::2]).tolist())
+    return out
+
+
+def rope_positions(cfg: ModelConfig, input_ids: np.ndarray, attention_mask: np.ndarray,
+                   image_grid_thw: np.ndarray | None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The one host-side check of image tokens against grids, and the M-RoPE positions that follow.
+
+    input_ids / attention_mask int[B, L] (padding anywhere; only valid tokens count), image_grid_thw
+    int[n, 3] or None (images in row-major order over the batch). Every row's image-pad runs must match
+    its grids one by one, since a mismatch would otherwise silently shift every image feature; the
+    errors name the row and image. Returns (position_ids int32[3, B, L], rope_deltas int32[B, 1],
+    first_image int[B + 1]: row r holds images first_image[r] .. first_image[r + 1] - 1).
+    """
+    grids = np.zeros((0, 3), np.int64) if image_grid_thw is None else np.asarray(image_grid_thw, np.int64).reshape(-1, 3)
+    runs = image_runs(input_ids, attention_mask, cfg.image_token_id)
+    merge2 = cfg.vision.spatial_merge_size ** 2
+    tokens_per_image = grids.prod(axis=1) // merge2
+    n_runs = sum(len(r) for r in runs)
+    if n_runs != len(grids):
+        n_tokens = sum(sum(r) for r in runs)
+        raise ValueError(f"input_ids hold {n_runs} image-pad runs (per row {[len(r) for r in runs]}; "
+                         f"{n_tokens} image-pad tokens, id {cfg.image_token_id}) but image_grid_thw has "
+                         f"{len(grids)} images ({int(tokens_per_image.sum())} merged tokens)")
+    first_image = np.concatenate([[0], np.cumsum([len(r) for r in runs])]).astype(int)
+    for row, row_runs in enumerate(runs):
+        for j, n in enumerate(row_runs):
+            img = first_image[row] + j
+            if n != tokens_per_image[img]:
+                raise ValueError(f"prompt row {row}, image {j}: {n} image-pad tokens but image_grid_thw[{img}] = "
+                                 f"{grids[img].tolist()} gives {tokens_per_image[img]} merged tokens")
+    position_ids, deltas = get_rope_index(input_ids, attention_mask, grids if len(grids) else None,
+                                          image_token_id=cfg.image_token_id,
+                                          spatial_merge_size=cfg.vision.spatial_merge_size,
+                                          video_token_id=cfg.video_token_id)
+    return position_ids.astype(np.int32), deltas.astype(np.int32).reshape(-1, 1), first_image
+
+
 def prepare_inputs(cfg: ModelConfig, input_ids: np.ndarray, attention_mask: np.ndarray | None,
                    image_grid_thw: np.ndarray | None, pad_patches_to: int | None = None
                    ) -> tuple[np.ndarray, np.ndarray, VisionInputs | None]:
@@ -80,28 +129,21 @@ def prepare_inputs(cfg: ModelConfig, input_ids: np.ndarray, attention_mask: np.n
 
     input_ids int[B, L] (left padded), attention_mask int[B, L] or None, image_grid_thw int[n, 3] or None
     (images in row-major order over the batch). Raises ValueError when the image-pad tokens and the
-    grids disagree, since a mismatch would otherwise silently shift every image feature.
+    grids disagree (`rope_positions`), or when image-pad tokens sit in the padding: `forward` scatters
+    features by token id, so a padded image-pad token would take one.
     """
     input_ids = np.asarray(input_ids)
     mask = np.ones_like(input_ids) if attention_mask is None else np.asarray(attention_mask)
-    merge = cfg.vision.spatial_merge_size
-    n_pad = int(np.sum((input_ids == cfg.image_token_id) & (mask > 0)))
-    n_pad_all = int(np.sum(input_ids == cfg.image_token_id))
-    if n_pad != n_pad_all:
-        raise ValueError(f"prepare_inputs: {n_pad_all - n_pad} image-pad tokens (id {cfg.image_token_id}) "
+    n_padded = int(np.sum((input_ids == cfg.image_token_id) & ~(mask > 0)))
+    if n_padded:
+        raise ValueError(f"prepare_inputs: {n_padded} image-pad tokens (id {cfg.image_token_id}) "
                          "sit at padded positions (attention_mask 0)")
-    n_feat = 0 if image_grid_thw is None else count_image_tokens(image_grid_thw, merge)
-    if n_pad != n_feat:
-        raise ValueError(f"prepare_inputs: input_ids hold {n_pad} image-pad tokens (id {cfg.image_token_id}) "
-                         f"but image_grid_thw {None if image_grid_thw is None else np.asarray(image_grid_thw).tolist()} "
-                         f"gives {n_feat} image features")
-    position_ids, deltas = get_rope_index(input_ids, mask, image_grid_thw, image_token_id=cfg.image_token_id,
-                                          spatial_merge_size=merge, video_token_id=cfg.video_token_id)
+    position_ids, deltas, _ = rope_positions(cfg, input_ids, mask, image_grid_thw)
     vision = None
     if image_grid_thw is not None and len(np.asarray(image_grid_thw).reshape(-1, 3)):
         vision = build_vision_inputs(np.asarray(image_grid_thw).reshape(-1, 3), cfg.vision, cfg.family,
                                      pad_patches_to=pad_patches_to)
-    return position_ids.astype(np.int32), deltas.astype(np.int32), vision
+    return position_ids, deltas, vision
 
 
 def scatter_to_positions(is_visual: jax.Array, features: jax.Array) -> jax.Array:

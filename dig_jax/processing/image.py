@@ -1,7 +1,8 @@
 """Image preprocessing for Qwen2.5-VL and Qwen3-VL, bit-identical to HF's PIL-backend image processor.
 
 Why a re-implementation: the trainer and the data loader run without torch, and the model needs the exact
-pixel layout the vision tower was trained on. The pipeline (see `reference/qwen_vl_spec.md` section 4):
+pixel layout the vision tower was trained on. The pipeline (that of HF's `Qwen2VLImageProcessorPil`, used
+by both families; the torchvision backend resizes with other code and is not matched):
 
     convert to RGB (alpha on white) -> PIL BICUBIC resize of the uint8 image to `smart_resize(h, w)` ->
     `x * (1/255)` in float64, cast to float32 -> `(x - mean) / std` in float32 -> CHW -> patchify.

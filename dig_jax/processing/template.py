@@ -6,7 +6,7 @@ Two renderings of the same format live here on purpose:
     lstrip_blocks), saved beside a tokenizer so HF's `apply_chat_template` produces the same text. The
     tests render them through HF and compare with the Python rendering.
 
-The formats (reference/qwen_vl_spec.md section 5): ChatML turns `<|im_start|>{role}\\n...<|im_end|>\\n`;
+The formats (those of the released Hugging Face chat templates): ChatML turns `<|im_start|>{role}\\n...<|im_end|>\\n`;
 each image is `<|vision_start|><|image_pad|><|vision_end|>`, optionally preceded by `Picture N: `;
 Qwen2.5-VL inserts the default system turn "You are a helpful assistant." when the conversation does not
 start with one, Qwen3-VL does not. Tools and reasoning traces of the released templates are not supported.
@@ -17,6 +17,8 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
+from dig_jax.models.config import FAMILIES  # noqa: F401  (re-exported: processing.FAMILIES)
+
 IMAGE_PAD = "<|image_pad|>"
 VIDEO_PAD = "<|video_pad|>"
 VISION_START = "<|vision_start|>"
@@ -24,7 +26,6 @@ VISION_END = "<|vision_end|>"
 IM_START = "<|im_start|>"
 IM_END = "<|im_end|>"
 DEFAULT_SYSTEM_QWEN2_5 = "You are a helpful assistant."
-FAMILIES = ("qwen2_5_vl", "qwen3_vl")
 
 # Shared part of both Jinja templates: one message's content (a string, or a list of typed parts).
 _JINJA_CONTENT = """

@@ -31,7 +31,8 @@ from tokenizers import decoders, models, normalizers, pre_tokenizers, processors
 
 from dig_jax.processing.template import CHAT_TEMPLATES
 
-# Real ids (reference/qwen_vl_spec.md section 5); `special=True` tokens are skipped when decoding answers.
+# The released Qwen2 tokenizer's ids (tokenizer_config.json, shared by both families; <|im_end|> is the
+# EOS); `special=True` tokens are skipped when decoding answers.
 SPECIAL_TOKENS: dict[str, int] = {
     "<|endoftext|>": 151643,
     "<|im_start|>": 151644,

@@ -16,7 +16,7 @@ import time
 import pytest
 from array_record.python.array_record_module import ArrayRecordReader
 
-from configs import datagen
+from data_pipeline import settings as datagen
 from data_pipeline import generate, schema
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))

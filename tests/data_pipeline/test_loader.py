@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from array_record.python.array_record_module import ArrayRecordReader, ArrayRecordWriter
 
-from configs.datagen import KINDS
+from data_pipeline.differences import KINDS
 from data_pipeline import loader, schema
 from data_pipeline.generate import meta_path
 

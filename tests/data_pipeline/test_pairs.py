@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from matplotlib.path import Path
 
-from configs import datagen
+from data_pipeline import settings as datagen
 from data_pipeline import pairs, render, validate
 
 RES = 160

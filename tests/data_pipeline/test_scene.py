@@ -6,7 +6,7 @@ import math
 import numpy as np
 import pytest
 
-from configs import datagen
+from data_pipeline import settings as datagen
 from data_pipeline import render, scene
 
 
