@@ -61,7 +61,7 @@ def validate(c: ml_collections.ConfigDict, num_devices: int, num_processes: int 
     _check_optimisation(c)
     _check_data(c)
     _check_curriculum(c)
-    _check_reward_and_eval(c)
+    _check_reward_eval_and_logging(c)
 
 
 def _value(c, field: str):
@@ -170,7 +170,7 @@ def _check_curriculum(c) -> None:
                   "max_steps only")
 
 
-def _check_reward_and_eval(c) -> None:
+def _check_reward_eval_and_logging(c) -> None:
     from dig_jax.rl.rewards import REWARD_FNS  # lazily: scipy and the answer parser are not needed above
 
     fn = _value(c, "reward.fn")
@@ -183,3 +183,6 @@ def _check_reward_and_eval(c) -> None:
     if isinstance(evaluators, str) or not isinstance(evaluators, (tuple, list)) or not evaluators \
             or not all(isinstance(name, str) and name for name in evaluators):
         _fail("eval.evaluators", f"must be a non-empty tuple of evaluator names (strings), got {evaluators!r}")
+    guard = _value(c, "log.transfer_guard")
+    if guard not in ("allow", "log", "disallow"):
+        _fail("log.transfer_guard", f"{guard!r} is not 'allow', 'log' or 'disallow'")

@@ -80,6 +80,7 @@ def _demo_with_data():
     ("eval.evaluators", ()),
     ("eval.evaluators", "dig"),  # a bare string, not a tuple of names
     ("eval.evaluators", ("dig", 3)),
+    ("log.transfer_guard", "forbid"),  # not a jax.transfer_guard level
 ])
 def test_new_fields_are_checked_and_named(field, value):
     c = _demo_with_data()
@@ -97,6 +98,7 @@ def test_new_fields_accept_their_documented_values():
     c.grpo.scale_by_std = False
     c.eval.every = 50
     c.eval.evaluators = ("dig", "dig_visualise")
+    c.log.transfer_guard = "disallow"
     validate(c, num_devices=1)
 
 

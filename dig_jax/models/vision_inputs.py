@@ -117,6 +117,43 @@ def _bilinear_taps(rows: np.ndarray, cols: np.ndarray, h: int, w: int, side: int
     return index.astype(np.int32), weight.astype(np.float32)
 
 
+def _patch_layout(grids: np.ndarray, cfg: VisionConfig, family: str):
+    """Per patch in pixel order: its merge-block row and column and its frame id (1, 2, ... over all
+    frames of all images); for Qwen2.5-VL also each image's window permutation (merged units, offset to
+    the batch) and window ids. Returns (rows, cols, frame, index parts, window parts, merged tokens)."""
+    m = cfg.spatial_merge_size
+    frame_ids, rows, cols, windows, index = [], [], [], [], []
+    frame_offset = window_offset = token_offset = 0
+    vw = cfg.window_size // m // cfg.patch_size
+    for t, h, w in grids.tolist():
+        r, c = _merge_block_positions(h, w, m)
+        rows.append(np.tile(r, t))
+        cols.append(np.tile(c, t))
+        frame_ids.append(np.repeat(np.arange(frame_offset + 1, frame_offset + t + 1), h * w))
+        frame_offset += t
+        if family == "qwen2_5_vl":
+            idx, win = _window_layout(t, h // m, w // m, vw)
+            index.append(idx + token_offset)
+            windows.append(win + window_offset)
+            window_offset = int(win.max()) + window_offset + 1
+        token_offset += t * (h // m) * (w // m)
+    return np.concatenate(rows), np.concatenate(cols), np.concatenate(frame_ids), index, windows, token_offset
+
+
+def _position_table_taps(grids: np.ndarray, rows: np.ndarray, cols: np.ndarray, side: int):
+    """Qwen3-VL: the bilinear taps into the side x side learned position table of every patch, image by
+    image (pixel order): int32[P, 4] indices, float32[P, 4] weights."""
+    taps, weights = [], []
+    start = 0
+    for t, h, w in grids.tolist():
+        sl = slice(start, start + t * h * w)
+        tp, wt = _bilinear_taps(rows[sl], cols[sl], h, w, side)
+        taps.append(tp)
+        weights.append(wt)
+        start += t * h * w
+    return np.concatenate(taps), np.concatenate(weights)
+
+
 def build_vision_inputs(image_grid_thw: np.ndarray, cfg: VisionConfig, family: str,
                         pad_patches_to: int | None = None) -> VisionInputs:
     """All index arrays the tower needs for the images `image_grid_thw` (int[n_images, 3], in patches).
@@ -136,25 +173,8 @@ def build_vision_inputs(image_grid_thw: np.ndarray, cfg: VisionConfig, family: s
         raise ValueError(f"pad_patches_to={pad_patches_to}: must be >= the {n_valid} patches of image_grid_thw "
                          f"{grids.tolist()} and a multiple of spatial_merge_size**2 = {unit}")
 
-    frame_ids, rows, cols, windows, index = [], [], [], [], []
-    frame_offset = window_offset = token_offset = 0
-    vw = cfg.window_size // m // cfg.patch_size
-    for t, h, w in grids.tolist():
-        r, c = _merge_block_positions(h, w, m)
-        rows.append(np.tile(r, t))
-        cols.append(np.tile(c, t))
-        frame_ids.append(np.repeat(np.arange(frame_offset + 1, frame_offset + t + 1), h * w))
-        frame_offset += t
-        if family == "qwen2_5_vl":
-            idx, win = _window_layout(t, h // m, w // m, vw)
-            index.append(idx + token_offset)
-            windows.append(win + window_offset)
-            window_offset = int(win.max()) + window_offset + 1
-        token_offset += t * (h // m) * (w // m)
-
+    rows, cols, pixel_frame, index, windows, token_offset = _patch_layout(grids, cfg, family)
     n_pad_tokens = n // unit - token_offset
-    rows, cols = np.concatenate(rows), np.concatenate(cols)
-    pixel_frame = np.concatenate(frame_ids)
 
     if family == "qwen2_5_vl":
         window_index = np.concatenate(index + [np.arange(token_offset, n // unit)])
@@ -175,17 +195,8 @@ def build_vision_inputs(image_grid_thw: np.ndarray, cfg: VisionConfig, family: s
     rotary_pos = to_block_order(np.stack([rows, cols], axis=-1))
     if family == "qwen3_vl":
         window_seg = segment_ids
-        side = int(round(cfg.num_position_embeddings ** 0.5))
-        taps, weights = [], []
-        start = 0
-        for t, h, w in grids.tolist():
-            sl = slice(start, start + t * h * w)
-            tp, wt = _bilinear_taps(rows[sl], cols[sl], h, w, side)
-            taps.append(tp)
-            weights.append(wt)
-            start += t * h * w
-        pos_index = to_block_order(np.concatenate(taps))
-        pos_weight = to_block_order(np.concatenate(weights))
+        taps, weights = _position_table_taps(grids, rows, cols, int(round(cfg.num_position_embeddings ** 0.5)))
+        pos_index, pos_weight = to_block_order(taps), to_block_order(weights)
     else:
         pos_index = np.zeros((n, 4), np.int32)
         pos_weight = np.zeros((n, 4), np.float32)
