@@ -1,14 +1,10 @@
 """Fixtures of the evaluation tests: a few rendered held-out pairs and the tiny run config evaluating them."""
 from __future__ import annotations
 
-import glob
-import os
-
 import pytest
 
-from configs import datagen
-from data_pipeline.generate import generate_dataset
 from tests.integration import tiny_config
+from tests.tiny_data import render_tiny_dataset
 
 NUM_PAIRS = 6  # two evaluation batches of 4: the second is short, so the lockstep pass pads it
 
@@ -16,13 +12,8 @@ NUM_PAIRS = 6  # two evaluation batches of 4: the second is short, so the lockst
 @pytest.fixture(scope="session")
 def eval_files(tmp_path_factory) -> str:
     """Glob of one ArrayRecord shard of 6 pairs with 0 to 2 differences, rendered at the tiny resolution."""
-    out = str(tmp_path_factory.mktemp("dig_eval_data"))
-    config = datagen.get_config(str(tiny_config.RESOLUTION))
-    config.num_differences_min, config.num_differences_max = 0, 2
-    generate_dataset(out, NUM_PAIRS, seed=5, workers=1, config=config, num_shards=1, progress=False)
-    pattern = os.path.join(out, "*.array_record")
-    assert glob.glob(pattern), f"the generator wrote no shards into {out}"
-    return pattern
+    return render_tiny_dataset(str(tmp_path_factory.mktemp("dig_eval_data")), NUM_PAIRS, seed=5,
+                               differences=(0, 2), num_shards=1)
 
 
 @pytest.fixture

@@ -12,7 +12,6 @@ from __future__ import annotations
 import collections
 import contextlib
 import dataclasses
-import glob
 import json
 import logging
 import os
@@ -21,9 +20,8 @@ import re
 import numpy as np
 import pytest
 
-from configs import datagen
-from data_pipeline.generate import generate_dataset
 from tests.integration import tiny_config
+from tests.tiny_data import render_tiny_dataset
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 NUM_PAIRS = 24
@@ -57,13 +55,8 @@ def compilation_cache(tmp_path_factory):
 @pytest.fixture(scope="session")
 def train_files(tmp_path_factory) -> str:
     """Glob of the ArrayRecord shards of a tiny rendered dataset (24 pairs, 1-2 differences, 64 px)."""
-    out = str(tmp_path_factory.mktemp("dig_data"))
-    config = datagen.get_config(str(tiny_config.RESOLUTION))
-    config.num_differences_min, config.num_differences_max = 1, 2
-    generate_dataset(out, NUM_PAIRS, seed=3, workers=1, config=config, num_shards=2, progress=False)
-    pattern = os.path.join(out, "*.array_record")
-    assert len(glob.glob(pattern)) == 2, f"the generator wrote no shards into {out}"
-    return pattern
+    return render_tiny_dataset(str(tmp_path_factory.mktemp("dig_data")), NUM_PAIRS, seed=3, differences=(1, 2),
+                               num_shards=2)
 
 
 @pytest.fixture
