@@ -175,14 +175,14 @@ def compare_preset(name: str, *, repeats: int, gen_repeats: int, new_tokens: int
     # ---- greedy generation, exactly new_tokens tokens ----------------------------------------------
     never = cfg.text.vocab_size  # an id the argmax can never return: no early stop
     batch = build_prompt_batch(cfg, x.input_ids, mask, x.grids, x.pixel_values,
-                                        length_multiple=x.input_ids.shape[1],  # no prompt padding
-                                        pad_patches_to=x.pixel_values.shape[0])
+                               length_multiple=x.input_ids.shape[1],  # no prompt padding
+                               pad_patches_to=x.pixel_values.shape[0])
     batch = jax.tree.map(jnp.asarray, batch)
     key = jax.random.key(0)
 
     def gen_ours(n):
         scfg = sampler.SamplingConfig(max_new_tokens=n, temperature=0.0, eos_token_ids=(never,),
-                                       pad_token_id=cfg.pad_token_id)
+                                      pad_token_id=cfg.pad_token_id)
         return lambda: jax.block_until_ready(sampler.generate(ours, batch, key, scfg))
 
     def gen_hf(n):
@@ -239,11 +239,11 @@ def train_throughput(name: str, *, rows: int, text_tokens: int, answer_tokens: i
     x = build_inputs(cfg, text_tokens=text_tokens, image_size=image_size, rows=rows)
     mask = np.ones_like(x.input_ids)
     prompts = build_prompt_batch(cfg, x.input_ids, mask, x.grids, x.pixel_values.astype(np.float32),
-                                          length_multiple=64)
+                                 length_multiple=64)
     prompts = jax.tree.map(jnp.asarray, prompts)
     rng = np.random.default_rng(1)
     answers = Completions(jnp.asarray(rng.integers(0, 1000, (rows, answer_tokens)), jnp.int32),
-                                jnp.ones((rows, answer_tokens), jnp.int32))
+                          jnp.ones((rows, answer_tokens), jnp.int32))
     grad_fn = jax.jit(jax.value_and_grad(sft.sft_objective, argnums=1, has_aux=True), static_argnums=(0, 4))
     run = lambda: jax.block_until_ready(grad_fn(graphdef, params, prompts, answers, 64))
     t0 = time.perf_counter()

@@ -104,12 +104,12 @@ def grpo_iteration_timed(graphdef, tx, params, opt_state, reference, batch, key,
                       prompt_bucket=prompt_bucket, loss_config=loss_config)
     t0 = time.perf_counter()
     ref_logp = jax.block_until_ready(grpo.reference_logprobs(graphdef, reference, ro.prompts, ro.completions,
-                                                              chunk=chunk))
+                                                             chunk=chunk))
     seconds = {"rollout": ro.seconds["rollout"], "scoring": ro.seconds["scoring"] + time.perf_counter() - t0}
     t0 = time.perf_counter()
     params, opt_state, out = grpo.grpo_step(graphdef, tx, params, opt_state, ro.prompts, ro.completions,
-                                             ro.old_logp, ref_logp, jnp.asarray(ro.advantages), loss_config,
-                                             chunk=chunk)
+                                            ro.old_logp, ref_logp, jnp.asarray(ro.advantages), loss_config,
+                                            chunk=chunk)
     out = jax.device_get(out)
     seconds["update"] = time.perf_counter() - t0
     if not np.isfinite(float(out["loss"])):
@@ -161,7 +161,7 @@ def run_config(preset: str, *, prompts: int, group: int, new_tokens: int, repeat
             t0 = time.perf_counter()
             pb = prompt_batch(cfg, sft_batch, mesh=mesh, prompt_bucket=c.data.prompt_bucket)
             params, opt_state, out = sft.sft_step(graphdef, tx, params, opt_state, pb,
-                                                    answers(sft_batch, mesh), chunk=chunk)
+                                                  answers(sft_batch, mesh), chunk=chunk)
             loss = float(jax.device_get(out["loss"]))
             sft_times.append(time.perf_counter() - t0)
     if not np.isfinite(loss):
@@ -182,7 +182,7 @@ def run_config(preset: str, *, prompts: int, group: int, new_tokens: int, repeat
     loss_config = grpo.GRPOConfig.from_config(c.grpo)
     reward_config = rewards.RewardConfig(family=cfg.family)
     sampling_config = sampler.SamplingConfig(max_new_tokens=new_tokens, temperature=1.0,
-                                              eos_token_ids=(cfg.eos_token_id,), pad_token_id=cfg.pad_token_id)
+                                             eos_token_ids=(cfg.eos_token_id,), pad_token_id=cfg.pad_token_id)
     parts: dict[str, list[float]] = {"rollout": [], "scoring": [], "update": [], "total": [], "length": []}
     key = jax.random.key(seed)
     with sharding.activate(mesh):

@@ -261,12 +261,11 @@ def prompt_batch(cfg: ModelConfig, batch: dict, *, group_size: int = 1, mesh: Me
     pixel_values = batch["pixel_values"].reshape(-1, batch["pixel_values"].shape[-1])
     grids = batch["image_grid_thw"].reshape(-1, 3)
     pb = build_prompt_batch(cfg, batch["prompt_ids"], batch["prompt_mask"], grids, pixel_values,
-                                     group_size=group_size, length_multiple=prompt_bucket,
-                                     pad_patches_to=pixel_values.shape[0])
+                            group_size=group_size, length_multiple=prompt_bucket, pad_patches_to=pixel_values.shape[0])
     # Token-row arrays are sharded over the batch; the position ids carry the batch on axis 1; the
     # distinct images and their vision inputs are replicated (the tower sees every image).
     out = sharding.place_batch({"input_ids": pb.input_ids, "attention_mask": pb.attention_mask,
-                  "rope_deltas": pb.rope_deltas, "feature_index": pb.feature_index}, mesh)
+                                "rope_deltas": pb.rope_deltas, "feature_index": pb.feature_index}, mesh)
     replicated = None if mesh is None else NamedSharding(mesh, PartitionSpec())
     if mesh is None:
         position_ids = jax.numpy.asarray(pb.position_ids)

@@ -362,7 +362,7 @@ def vision_param_mapping(cfg: VisionConfig, family: str) -> list[tuple[str, tupl
         linear("merger.mlp.2", ("merger", "mlp_2"))
     else:
         for hf, p in [("merger", ("merger",))] + [(f"deepstack_merger_list.{j}", ("deepstack_merger_list", j))
-                                                   for j in range(len(cfg.deepstack_visual_indexes))]:
+                                                  for j in range(len(cfg.deepstack_visual_indexes))]:
             norm(f"{hf}.norm", p + ("norm",))
             linear(f"{hf}.linear_fc1", p + ("linear_fc1",))
             linear(f"{hf}.linear_fc2", p + ("linear_fc2",))

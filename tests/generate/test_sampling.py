@@ -23,7 +23,8 @@ from dig_jax.generate import scoring
 from dig_jax.models import hf_io
 from dig_jax.models.vlm import QwenVL
 
-_spec = importlib.util.spec_from_file_location("hf_oracle", os.path.join(os.path.dirname(os.path.dirname(__file__)), "models", "hf_oracle.py"))
+_ORACLE = os.path.join(os.path.dirname(os.path.dirname(__file__)), "models", "hf_oracle.py")
+_spec = importlib.util.spec_from_file_location("hf_oracle", _ORACLE)
 oracle = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(oracle)
 
@@ -50,7 +51,7 @@ def setup(request, tmp_path_factory) -> Setup:
     model = hf_io.load_hf_checkpoint(str(path))
     raw = oracle.make_batch(cfg, GRIDS)
     batch = prompting.build_prompt_batch(cfg, raw.input_ids, raw.attention_mask, raw.grids, raw.pixel_values,
-                                 length_multiple=32)
+                                         length_multiple=32)
     return Setup(cfg, hf, model, raw, batch)
 
 
@@ -156,15 +157,15 @@ def test_group_sampling_equals_explicitly_repeated_prompts():
     raw = oracle.make_batch(cfg, GRIDS, seed=1)
     g = 2
     grouped = prompting.build_prompt_batch(cfg, raw.input_ids, raw.attention_mask, raw.grids, raw.pixel_values,
-                                   group_size=g, length_multiple=32)
+                                           group_size=g, length_multiple=32)
     # By hand: every row and its images repeated, then built with group_size=1.
     rows = np.repeat(np.arange(2), g)
     per_row = [[0, 1], [2]]
     offsets = np.concatenate([[0], np.cumsum(np.prod(raw.grids, axis=1))])
     imgs = [i for r in rows for i in per_row[r]]
     manual = prompting.build_prompt_batch(cfg, raw.input_ids[rows], raw.attention_mask[rows], raw.grids[imgs],
-                                  np.concatenate([raw.pixel_values[offsets[i]:offsets[i + 1]] for i in imgs]),
-                                  length_multiple=32)
+                                          np.concatenate([raw.pixel_values[offsets[i]:offsets[i + 1]] for i in imgs]),
+                                          length_multiple=32)
     assert grouped.pixel_values.shape[0] < manual.pixel_values.shape[0]  # fewer patches through the tower
     np.testing.assert_array_equal(grouped.position_ids, manual.position_ids)
     sampling = greedy(max_new=4)
@@ -186,7 +187,7 @@ def test_scorer_equals_cached_decoding_even_for_sampled_image_pad_tokens():
     model = QwenVL(cfg, rngs=nnx.Rngs(4))
     raw = oracle.make_batch(cfg, GRIDS, seed=2)
     batch = prompting.build_prompt_batch(cfg, raw.input_ids, raw.attention_mask, raw.grids, raw.pixel_values,
-                                 length_multiple=32)
+                                         length_multiple=32)
     comp = np.array([[17, cfg.image_token_id, 23, 5], [cfg.image_token_id, 9, cfg.image_token_id, 2]], np.int32)
     got, _ = scoring.score_completions_jit(model, batch, comp, np.ones_like(comp))
 
@@ -302,7 +303,7 @@ def test_build_prompt_batch_repacks_right_padding_and_names_bad_rows():
     cfg = oracle.tiny_cfg("qwen2_5_vl")
     raw = oracle.make_batch(cfg, GRIDS)
     left = prompting.build_prompt_batch(cfg, raw.input_ids, raw.attention_mask, raw.grids, raw.pixel_values,
-                                length_multiple=16)
+                                        length_multiple=16)
     # The same prompts right-padded give the identical (left-padded) batch.
     right_ids = np.full_like(raw.input_ids, cfg.pad_token_id)
     right_mask = np.zeros_like(raw.attention_mask)
