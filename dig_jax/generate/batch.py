@@ -26,9 +26,10 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from dig_jax import sharding
+from dig_jax import multihost, sharding
 from dig_jax.models.config import ModelConfig
 
 @jax.tree_util.register_dataclass
@@ -293,10 +294,6 @@ def _local_prompt_batch(cfg: ModelConfig, batch: dict, *, group_size: int, mesh:
     `prompt_batch`), never through a host. On one process the arrays and shardings are those of
     `prompt_batch(cfg, batch, mesh=mesh)`.
     """
-    from jax.experimental import multihost_utils
-
-    from dig_jax import multihost
-
     pixel_values = batch["pixel_values"].reshape(-1, batch["pixel_values"].shape[-1])  # float[n_local, pd]
     grids = np.asarray(batch["image_grid_thw"]).reshape(-1, 3)                           # int[images, 3]
     counts = multihost.process_values([len(grids), int(np.asarray(batch["prompt_mask"]).sum(axis=1).max())])

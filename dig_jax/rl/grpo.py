@@ -210,6 +210,7 @@ class Rollout:
     texts: list[str]
     scores: dict[str, np.ndarray]  # per-row reward metrics, float32[N]
     advantages: np.ndarray  # float32[N]
+    lengths: np.ndarray  # int[N] tokens of each completion (EOS included), from the host copy of the mask
     seconds: dict[str, float]
 
 
@@ -246,7 +247,7 @@ def rollout(model, batch: dict, *, cfg: ModelConfig, tokenizer, sampling_config:
     t2 = time.perf_counter()
     # The update scores the sampled tokens where the sampler left them (no second upload).
     return Rollout(prompts, Completions(gen.tokens, gen.completion_mask), gen.logprobs, texts, scores, advantages,
-                   {"rollout": t1 - t0, "scoring": t2 - t1})
+                   mask.sum(axis=1), {"rollout": t1 - t0, "scoring": t2 - t1})
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -321,7 +322,7 @@ def iteration_metrics(ro: Rollout, update_metrics: list[dict]) -> dict[str, floa
     s = ro.scores
     metrics = {"reward/mean": float(s["reward"].mean()), "reward/std": float(s["reward"].std())}
     metrics.update({name: float(s[key].mean()) for key, name in _LOGGED_SCORES.items() if key in s})
-    metrics["grpo/response_length"] = float(multihost.to_host(ro.completions.mask).sum(axis=1).mean())
+    metrics["grpo/response_length"] = float(ro.lengths.mean())
     for key in update_metrics[0]:
         metrics[f"grpo/{key}"] = float(np.mean([float(m[key]) for m in update_metrics]))
     for key, seconds in ro.seconds.items():
