@@ -5,7 +5,7 @@
     python benchmarks/model_vs_hf.py                       # on a GPU: only bf16 fwd+bwd of Qwen3-VL-2B + MFU
     python benchmarks/model_vs_hf.py --gpu-smoke           # the GPU code path on a tiny model, any device
 
-CPU comparison, per preset: HF's model is built from `hf_io.to_hf_config(cfg)` with a fixed torch seed,
+CPU comparison, per preset: HF's model is built from `hf_config.to_hf_config(cfg)` with a fixed torch seed,
 saved with `save_pretrained` and loaded into ours with `hf_io.load_hf_checkpoint`, so both hold the same
 weights. Both get the same input: batch 1, two random 224x224 images through `dig_jax.processing` and
 `text_tokens` random text ids around them (ids built by hand: text, vision_start, image pads, vision_end,
@@ -54,7 +54,7 @@ from dig_jax import sharding  # noqa: E402
 from dig_jax.generate import sampler  # noqa: E402
 from dig_jax.generate.batch import Completions, build_prompt_batch  # noqa: E402
 from dig_jax.models import config as C  # noqa: E402
-from dig_jax.models import hf_io  # noqa: E402
+from dig_jax.models import hf_config, hf_io  # noqa: E402
 from dig_jax.models.vlm import QwenVL, prepare_inputs  # noqa: E402
 from dig_jax.processing import ImageProcessorConfig, preprocess_images  # noqa: E402
 from dig_jax.rl import sft  # noqa: E402
@@ -97,7 +97,7 @@ def hf_model(cfg: C.ModelConfig, seed: int = 0):
     import torch
     import transformers
 
-    config = transformers.AutoConfig.for_model(**hf_io.to_hf_config(cfg))
+    config = transformers.AutoConfig.for_model(**hf_config.to_hf_config(cfg))
     cls = (transformers.Qwen2_5_VLForConditionalGeneration if cfg.family == "qwen2_5_vl"
            else transformers.Qwen3VLForConditionalGeneration)
     torch.manual_seed(seed)

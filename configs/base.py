@@ -28,6 +28,13 @@ def _model(c):
     c.model.compact_tokenizer = False
     c.model.param_dtype = "float32"  # float32 | bfloat16
     c.model.dtype = "float32"  # computation dtype: float32 | bfloat16
+    # Rematerialisation of each scanned decoder layer / ViT block: "none" | "full" | "dots" (see
+    # dig_jax.models.layers). "full" keeps only each layer's input for the backward pass and recomputes
+    # the rest (about one extra forward): activation memory, not compute, is what limits the paper's
+    # 4B/8B runs (qwen3_vl_4b forward+backward, one row of two 448 px images per v5p chip: 23.8 GiB of
+    # temporaries per chip with "none", 6.2 with "dots", 3.3 with "full"), and on the tiny CPU model
+    # it cost no measurable step time.
+    c.model.remat = "full"
     # Random init only, Qwen3-VL only: "normal" = HF's N(0, 0.02) for the ViT's learned position table;
     # "sincos" = a 2-D sinusoidal start (a from-scratch model then sees absolute positions at once; see
     # dig_jax.models.vision.sincos_position_table). Ignored when loading init_checkpoint.
@@ -45,6 +52,13 @@ def _data(c):
     c.data.prompt = ("The two pictures show the same scene with some differences. Find every difference "
                      "and output its bounding box as JSON.")
     c.data.add_vision_id = True  # "Picture 1:" / "Picture 2:" before each image
+    # The checkpoint's chat template: "instruct" (Qwen2.5-VL / Qwen3-VL Instruct) or "thinking" (Qwen3-VL
+    # Thinking: the prompt opens a <think> block, answers are read after </think>, and supervised targets
+    # close an empty block). It must match the checkpoint: the preset does not decide it.
+    c.data.chat_template = "instruct"
+    # Thinking template only: tokens of reasoning that grpo/eval.max_new_tokens must leave room for besides
+    # the closing </think> and an answer of max_boxes boxes (checked at start-up). 0 with "instruct".
+    c.data.reasoning_budget = 0
     c.data.label = "kind"  # answer label per box: "kind" (the difference kind) or a fixed string
     c.data.max_boxes = 8
     c.data.min_pixels = 0  # 0 = the family's processor default
@@ -101,6 +115,10 @@ def _grpo(c):
     c.grpo.eps_low = 0.2
     c.grpo.eps_high = 0.28
     c.grpo.kl_coef = 0.01  # 0 drops the reference model
+    # Storage dtype of the frozen KL reference's parameters. "bfloat16" halves its HBM (it is only read,
+    # in the forward of `reference_logprobs`, whose matmuls already run in model.dtype); "float32" keeps
+    # an exact copy of the policy as GRPO starts.
+    c.grpo.reference_dtype = "float32"
     c.grpo.num_minibatches = 1  # policy updates per rollout batch
     c.grpo.scale_by_std = True  # advantages divided by the group std; False = Dr. GRPO (mean baseline only)
     # Completion positions whose full-vocabulary logits are computed at a time when scoring answers (SFT

@@ -19,7 +19,7 @@ from flax import nnx
 from data_pipeline import loader
 from dig_jax import checkpointing, sharding
 from dig_jax.config_validation import ConfigError, mesh_shape
-from dig_jax.models import hf_io
+from dig_jax.models import hf_config, hf_io
 from dig_jax.processing.examples import ExampleBuilder, InputSpec, max_answer_tokens
 from dig_jax.models import config as model_config
 from dig_jax.models.vision import sincos_position_table
@@ -43,7 +43,7 @@ def model_config_from(c: ml_collections.ConfigDict, tokenizer=None) -> model_con
         import json
 
         with open(path) as f:
-            cfg = hf_io.config_from_hf(json.load(f))
+            cfg = hf_config.config_from_hf(json.load(f))
     else:
         cfg = model_config.preset(c.model.preset)
     changed = {}
@@ -151,7 +151,7 @@ def model_constructor(c: ml_collections.ConfigDict, cfg: model_config.ModelConfi
 
     def construct() -> QwenVL:
         model = QwenVL(cfg, rngs=nnx.Rngs(seed), dtype=dtype, param_dtype=param_dtype,
-                       vision_attention_block=patches_per_image)
+                       vision_attention_block=patches_per_image, remat=c.model.remat)
         if sincos_positions:  # Qwen3-VL's learned ViT position table (config validation checks the family)
             table = sincos_position_table(cfg.vision.num_position_embeddings, cfg.vision.hidden_size)
             model.visual.pos_embed.weight.set_value(jnp.asarray(table, param_dtype))
@@ -190,17 +190,23 @@ def check_room_for_answers(c: ml_collections.ConfigDict, builder: ExampleBuilder
     """Fails naming `field` when its `limit` of new tokens is too short for an answer of `data.max_boxes` boxes.
 
     A cap below the longest answer truncates every answer with many boxes: GRPO then learns that fewer
-    boxes score better and evaluation can never count high, silently. Smoke tests that only need a few
-    tokens from a random model say so with `data.allow_truncated_answers`.
+    boxes score better and evaluation can never count high, silently. Under the Thinking template the
+    answer follows the reasoning block, and a completion cut before `</think>` has no answer at all, so
+    the cap must also hold `data.reasoning_budget` tokens of reasoning and the block's close (counted in
+    the builder's answer). Smoke tests that only need a few tokens from a random model say so with
+    `data.allow_truncated_answers`.
     """
     if c.data.allow_truncated_answers:
         return
-    need = max_answer_tokens(builder, int(c.data.max_boxes))
+    answer = max_answer_tokens(builder, int(c.data.max_boxes))
+    need = answer + int(c.data.reasoning_budget)
     if limit < need:
+        reasoning = (f" after data.reasoning_budget={c.data.reasoning_budget} tokens of reasoning"
+                     if c.data.reasoning_budget else "")
         raise ConfigError(
             f"config.{field}: {limit} new tokens cannot hold an answer of data.max_boxes={c.data.max_boxes} "
-            f"boxes, which takes up to {need} tokens with this tokenizer and prompt format; raise it to at "
-            f"least {need} (or set data.allow_truncated_answers=True for a smoke test)")
+            f"boxes{reasoning}, which takes up to {need} tokens with this tokenizer and prompt format; raise it "
+            f"to at least {need} (or set data.allow_truncated_answers=True for a smoke test)")
 
 
 def dataset_image_hw(pattern: str) -> tuple[int, int]:
@@ -228,7 +234,7 @@ def example_builder(c: ml_collections.ConfigDict, cfg: model_config.ModelConfig,
     spec = InputSpec(family=cfg.family, image_cfg=image_processor_config(c, cfg), prompt_text=c.data.prompt,
                      add_vision_id=bool(c.data.add_vision_id), label_mode=c.data.label,
                      max_boxes=int(c.data.max_boxes), prompt_bucket=int(c.data.prompt_bucket), answer_len=1,
-                     keep_images=keep_images)
+                     keep_images=keep_images, chat_template=c.data.chat_template)
     probe = ExampleBuilder(spec, tok_path, image_hw, require_real_ids=not c.model.compact_tokenizer)
     answer_len = max_answer_tokens(probe, int(answer_boxes or c.data.max_boxes)) + 2
     return ExampleBuilder(dataclasses.replace(spec, answer_len=answer_len), tok_path, image_hw,

@@ -12,6 +12,8 @@ import ml_collections
 from dig_jax import sharding
 from dig_jax.rl.curriculum import Curriculum
 from dig_jax.models import config as model_config
+from dig_jax.models.layers import REMAT_POLICIES
+from dig_jax.processing.template import CHAT_TEMPLATE_STYLES
 
 _DTYPES = ("float32", "bfloat16")
 
@@ -84,6 +86,8 @@ def _check_model(c) -> None:
     if not c.model.init_checkpoint and not c.model.preset.endswith("_tiny"):
         _fail("model.init_checkpoint", f"preset {c.model.preset!r} is full-size: give an HF checkpoint directory "
                                        "(random init is for the tiny presets only)")
+    if _value(c, "model.remat") not in REMAT_POLICIES:
+        _fail("model.remat", f"{c.model.remat!r} is not one of {REMAT_POLICIES}")
     if c.model.vision_position_init not in ("normal", "sincos"):
         _fail("model.vision_position_init", f"{c.model.vision_position_init!r} is not 'normal' or 'sincos'")
     if c.model.vision_position_init == "sincos" and not c.model.preset.startswith("qwen3_vl"):
@@ -126,6 +130,8 @@ def _check_optimisation(c) -> None:
         _fail("grpo.top_p", f"must be in [0, 1], got {c.grpo.top_p}")
     if c.grpo.temperature < 0:
         _fail("grpo.temperature", f"must be >= 0, got {c.grpo.temperature}")
+    if c.grpo.reference_dtype not in _DTYPES:
+        _fail("grpo.reference_dtype", f"{c.grpo.reference_dtype!r} is not one of {_DTYPES}")
     for field in ("grpo.eps_low", "grpo.eps_high", "grpo.kl_coef"):
         _positive(c, field, allow_zero=True)
     if not isinstance(_value(c, "grpo.scale_by_std"), bool):
@@ -148,6 +154,23 @@ def _check_data(c) -> None:
     if not nd or any(not isinstance(n, int) or n < 0 for n in nd) or max(nd) > c.data.max_boxes:
         _fail("sft.num_differences", f"{nd} must be non-negative difference counts <= data.max_boxes "
                                      f"({c.data.max_boxes})")
+    _check_chat_template(c)
+
+
+def _check_chat_template(c) -> None:
+    """The template style, and the reasoning budget the generation-cap check adds for "thinking"."""
+    template = _value(c, "data.chat_template")
+    if template not in CHAT_TEMPLATE_STYLES:
+        _fail("data.chat_template", f"{template!r} is not one of {CHAT_TEMPLATE_STYLES}")
+    if template == "thinking" and not c.model.preset.startswith("qwen3_vl"):
+        _fail("data.chat_template", f"'thinking' is the Qwen3-VL Thinking checkpoints' template; preset "
+                                    f"{c.model.preset!r} has none")
+    budget = _value(c, "data.reasoning_budget")
+    if isinstance(budget, bool) or not isinstance(budget, int) or budget < 0:
+        _fail("data.reasoning_budget", f"must be an int >= 0 (tokens of reasoning), got {budget!r}")
+    if budget and template != "thinking":
+        _fail("data.reasoning_budget", f"{budget} reasoning tokens, but data.chat_template={template!r} has no "
+                                       "reasoning block (0 unless 'thinking')")
 
 
 def _check_curriculum(c) -> None:

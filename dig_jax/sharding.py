@@ -6,15 +6,21 @@ those names onto the physical mesh axes `data`, `fsdp` and `tensor`, so changing
 is a change of rules, not of model code.
 
 Logical axis names used by the models:
-  batch            the batch of sequences                      -> (data, fsdp)
+  batch            the batch of sequences; also the image axis -> (data, fsdp)
+                   of the ViT's per-image attention blocks
+                   (patches viewed as [N/blk, blk, ...], so every device holds whole images)
   length           sequence positions                          -> not sharded
   embed            model width D (text) / vision width         -> fsdp   (ZeRO-3 style parameter sharding)
   mlp              feed-forward width F                        -> tensor
   heads, kv_heads  attention heads N / K                       -> tensor
   head_dim         per-head width H                            -> not sharded
   vocab            vocabulary V                                -> tensor
-  patches          flattened image patches (vision sequence)   -> not sharded
+  patches          flattened image patches (vision sequence)   -> not sharded (sharded by image via
+                   "batch" above when images are of one size)
   norm             norm scales/biases                          -> not sharded
+  layers           the leading axis of stacked (scanned)       -> not sharded: `lax.scan` slices one
+                   decoder layers / ViT blocks                    layer per step, and a sharded layer
+                                                                  axis would make every step gather it
 """
 from __future__ import annotations
 
@@ -44,9 +50,11 @@ DEFAULT_RULES: Rules = (
     ("vocab", "tensor"),
     ("patches", None),
     ("norm", None),
+    ("layers", None),
 )
 
 LOGICAL_AXES_KEY = "logical_axes"
+LAYERS_AXIS = "layers"  # the logical name of the leading axis of stacked layer parameters
 
 
 class MeshShapeError(ValueError):

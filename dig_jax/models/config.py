@@ -185,6 +185,35 @@ def qwen3_vl_8b() -> ModelConfig:
     return ModelConfig("qwen3_vl", vision, _qwen3_text(4096, 12288, 36, 32, 8), False)
 
 
+def qwen3_vl_4b_thinking() -> ModelConfig:
+    """Qwen3-VL-4B-Thinking, the DiG paper's smaller model: the architecture of Qwen3-VL-4B-Instruct.
+
+    The Thinking checkpoints differ from the Instruct ones in their weights and chat template (the
+    template is `data.chat_template`, not part of the model), not in their architecture. What that rests
+    on: the Qwen3-VL model cards describe one dense architecture per size, released as Instruct and
+    Thinking editions; a public catalogue of the Qwen/ repositories (sizes read from the HF API) lists the
+    same weight size (8.27 GiB bf16) and the same text KV shape (36 layers, 8 KV heads, head_dim 128) for
+    both 4B editions. The released Qwen/Qwen3-VL-4B-Thinking config.json itself was not found in the
+    sources searched, so no field was compared one by one. A run with `model.init_checkpoint` builds its
+    model from that checkpoint's own config.json (`hf_config.config_from_hf`), not from this preset.
+    """
+    return qwen3_vl_4b()
+
+
+def qwen3_vl_8b_thinking() -> ModelConfig:
+    """Qwen3-VL-8B-Thinking, the DiG paper's larger model: the architecture of Qwen3-VL-8B-Instruct.
+
+    Field by field, the text config of a public derivative of Qwen/Qwen3-VL-8B-Thinking (an HF config.json
+    whose `base_model` is that checkpoint) equals this preset's: hidden 4096, intermediate 12288, 36 layers,
+    32 heads, 8 KV heads, head_dim 128, rope_theta 5e6, mrope_section [24, 20, 20] interleaved, vocab
+    151936, tie_word_embeddings false; its vision part was not visible, and the released config.json
+    itself was not found. The catalogue of `qwen3_vl_4b_thinking` lists equal weight sizes (16.33 GiB
+    bf16) for both 8B editions. As for 4B, a run with a checkpoint builds its model from the checkpoint's
+    own config.json.
+    """
+    return qwen3_vl_8b()
+
+
 def qwen2_5_vl_tiny(vocab_size: int = 151936) -> ModelConfig:
     """The tiny Qwen2.5-VL of the tests and the CPU demo (text 64 wide, 2 layers; vision 32 wide, 2 blocks,
     full attention in block 1; tied): small enough to compare with a random HF model of the same config."""
@@ -216,6 +245,8 @@ PRESETS = {
     "qwen3_vl_2b": qwen3_vl_2b,
     "qwen3_vl_4b": qwen3_vl_4b,
     "qwen3_vl_8b": qwen3_vl_8b,
+    "qwen3_vl_4b_thinking": qwen3_vl_4b_thinking,
+    "qwen3_vl_8b_thinking": qwen3_vl_8b_thinking,
 }
 
 

@@ -7,6 +7,10 @@ One module covers both because they differ only in switches of `TextConfig`:
   * DeepStack            Qwen3 adds extra visual features to the hidden states after layers 0..k-1; the
                          caller passes them already scattered to sequence positions (zeros elsewhere).
 
+The decoder layers are one stacked module (`layers`, parameters float[Y, ...]) run by one `lax.scan`
+(see `dig_jax.models.layers.scan_layers`); the KV cache is one array per keys / values with the same
+leading layer axis, carried through the scan and updated in place at each layer's index.
+
 Attention always runs against a key/value buffer with a per-slot validity mask, which makes the plain
 forward and the KV-cached forward one code path: without a cache, the buffer is this call's own keys and
 the validity mask is the attention mask; with a cache, this call's keys are written at
@@ -15,7 +19,7 @@ order, so left padding in a prompt is simply a run of invalid slots.
 
 Axis legend: B batch, L query length, S key length (cache slots), D model width, F feed-forward width,
 V vocabulary, N query heads, K key/value heads, G = N // K query heads per KV head, H head dim,
-R = H // 2 rotary frequencies.
+R = H // 2 rotary frequencies, Y decoder layers, J DeepStack levels.
 """
 from __future__ import annotations
 
@@ -27,7 +31,8 @@ import numpy as np
 from flax import nnx
 
 from dig_jax.models.config import TextConfig
-from dig_jax.models.layers import Dense, DType, RMSNorm, SwiGLU, apply_rotary, param
+from dig_jax.models.layers import (Dense, DType, HFParam, RMSNorm, SwiGLU, apply_rotary, check_remat, hf_param,
+                                   hf_stacked_param, param, scan_layers, stack_layers)
 from dig_jax.sharding import constrain
 
 
@@ -38,12 +43,12 @@ from dig_jax.sharding import constrain
 class KVCache(NamedTuple):
     """A static-size key/value cache (a pytree, so it goes through `jax.jit` as is).
 
-    keys, values: one float[B, S, K, H] per decoder layer, keys already rotated (as in HF).
+    keys, values: float[Y, B, S, K, H], layer y's keys at [y] (already rotated, as in HF).
     valid:        int32[B, S], 1 where a slot holds a real token, 0 for empty slots and padding.
     """
 
-    keys: tuple[jax.Array, ...]
-    values: tuple[jax.Array, ...]
+    keys: jax.Array
+    values: jax.Array
     valid: jax.Array
 
     @property
@@ -53,9 +58,8 @@ class KVCache(NamedTuple):
 
 def init_text_cache(cfg: TextConfig, batch: int, max_len: int, dtype: DType = jnp.float32) -> KVCache:
     """An empty cache for `batch` sequences of up to `max_len` tokens (prompt + generated)."""
-    shape = (batch, max_len, cfg.num_key_value_heads, cfg.head_dim)
-    zeros = tuple(jnp.zeros(shape, dtype) for _ in range(cfg.num_hidden_layers))
-    return KVCache(keys=zeros, values=tuple(jnp.zeros(shape, dtype) for _ in range(cfg.num_hidden_layers)),
+    shape = (cfg.num_hidden_layers, batch, max_len, cfg.num_key_value_heads, cfg.head_dim)
+    return KVCache(keys=jnp.zeros(shape, dtype), values=jnp.zeros(shape, dtype),
                    valid=jnp.zeros((batch, max_len), jnp.int32))
 
 
@@ -127,10 +131,13 @@ class Attention(nnx.Module):
             self.q_norm = self.k_norm = None
 
     def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, key_valid: jax.Array, cache_index,
-                 kv: tuple[jax.Array, jax.Array] | None) -> tuple[jax.Array, tuple[jax.Array, jax.Array] | None]:
+                 kv: tuple[jax.Array, jax.Array] | None, layer: jax.Array
+                 ) -> tuple[jax.Array, tuple[jax.Array, jax.Array] | None]:
         """x float[B, L, D]; cos/sin float[B, L, H]; key_valid int[B, S] (S = L without a cache).
 
-        kv: this layer's cache (keys, values) float[B, S, K, H] or None. Returns (float[B, L, D], new kv).
+        kv: the whole cache (keys, values) float[Y, B, S, K, H] or None; this layer (index `layer`, int32
+        scalar) writes its L new keys/values at [layer, :, cache_index:cache_index + L] (an in-place
+        update of the scan carry) and attends over its own slice. Returns (float[B, L, D], new kv).
         """
         b, l, _ = x.shape
         q = self.q_proj(x).reshape(b, l, self.num_heads, self.head_dim)       # [B, L, N, H]
@@ -144,9 +151,9 @@ class Attention(nnx.Module):
         if kv is None:
             keys, values, new_kv = k, v, None
         else:
-            keys = jax.lax.dynamic_update_slice(kv[0], k.astype(kv[0].dtype), (0, cache_index, 0, 0))  # [B, S, K, H]
-            values = jax.lax.dynamic_update_slice(kv[1], v.astype(kv[1].dtype), (0, cache_index, 0, 0))
-            new_kv = (keys, values)
+            new_kv = tuple(jax.lax.dynamic_update_slice(buf, new[None].astype(buf.dtype), (layer, 0, cache_index, 0, 0))
+                           for buf, new in zip(kv, (k, v)))                   # float[Y, B, S, K, H]
+            keys, values = (jax.lax.dynamic_index_in_dim(buf, layer, keepdims=False) for buf in new_kv)  # [B, S, K, H]
         s = keys.shape[1]
 
         # Causal over slots: query i sits in slot cache_index + i and sees slots <= its own that are valid.
@@ -177,29 +184,33 @@ class DecoderLayer(nnx.Module):
         self.mlp = SwiGLU(cfg.hidden_size, cfg.intermediate_size, use_bias=False, rngs=rngs, dtype=dtype,
                           param_dtype=param_dtype)
 
-    def __call__(self, x, cos, sin, key_valid, cache_index, kv):
-        attn, new_kv = self.self_attn(self.input_layernorm(x), cos, sin, key_valid, cache_index, kv)
+    def __call__(self, x, cos, sin, key_valid, cache_index, kv, layer):
+        attn, new_kv = self.self_attn(self.input_layernorm(x), cos, sin, key_valid, cache_index, kv, layer)
         h = x + attn
         return h + self.mlp(self.post_attention_layernorm(h)), new_kv
 
 
 class TextDecoder(nnx.Module):
-    """Embedding, decoder layers, final norm and the (tied or untied) LM head.
+    """Embedding, decoder layers (stacked, scanned), final norm and the (tied or untied) LM head.
 
-    Attribute names follow HF (`embed_tokens`, `layers[i].self_attn.q_proj`, `norm`, `lm_head`) so the
-    checkpoint mapping in `dig_jax.models.hf_io` reads as a rename.
+    Attribute names follow HF (`embed_tokens`, `layers.self_attn.q_proj` with layer i at index i of the
+    leading axis, `norm`, `lm_head`) so the checkpoint mapping in `dig_jax.models.hf_io` reads as a rename.
+    `remat` ("none" | "full" | "dots") rematerialises each scanned layer (see `dig_jax.models.layers`).
     """
 
     def __init__(self, cfg: TextConfig, *, tie_word_embeddings: bool, rngs: nnx.Rngs,
-                 dtype: DType = jnp.float32, param_dtype: DType = jnp.float32):
+                 dtype: DType = jnp.float32, param_dtype: DType = jnp.float32, remat: str = "none"):
+        check_remat(remat)
         self.cfg = cfg
         self.dtype = dtype
-        kw = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
-        self.embed_tokens = Embedding(cfg.vocab_size, cfg.hidden_size, **kw)
-        self.layers = nnx.List([DecoderLayer(cfg, **kw) for _ in range(cfg.num_hidden_layers)])
+        self.remat = remat
+        kw = dict(dtype=dtype, param_dtype=param_dtype)
+        self.embed_tokens = Embedding(cfg.vocab_size, cfg.hidden_size, rngs=rngs, **kw)
+        self.layers = stack_layers(lambda r: DecoderLayer(cfg, rngs=r, **kw), cfg.num_hidden_layers, rngs)
         self.norm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, rngs=rngs, param_dtype=param_dtype)
         self.lm_head = (None if tie_word_embeddings else
-                        Dense(cfg.hidden_size, cfg.vocab_size, use_bias=False, logical_axes=("embed", "vocab"), **kw))
+                        Dense(cfg.hidden_size, cfg.vocab_size, use_bias=False, logical_axes=("embed", "vocab"),
+                              rngs=rngs, **kw))
 
     def embed(self, input_ids: jax.Array) -> jax.Array:
         """int[B, L] -> float[B, L, D]."""
@@ -217,8 +228,9 @@ class TextDecoder(nnx.Module):
         deepstack:      float[B, L, D] per DeepStack level, added after layer j (zeros off visual positions).
         Returns (hidden float[B, L, D] after the final norm, the updated cache or None).
         """
-        if len(deepstack) > len(self.layers):
-            raise ValueError(f"{len(deepstack)} DeepStack levels but only {len(self.layers)} decoder layers")
+        num_layers = self.cfg.num_hidden_layers
+        if len(deepstack) > num_layers:
+            raise ValueError(f"{len(deepstack)} DeepStack levels but only {num_layers} decoder layers")
         cos, sin = mrope_cos_sin(position_ids, self.cfg, self.dtype)
         attention_mask = attention_mask.astype(jnp.int32)
         if cache is None:
@@ -228,19 +240,19 @@ class TextDecoder(nnx.Module):
                 raise ValueError("TextDecoder: a cache was given without cache_index")
             cache_index = jnp.asarray(cache_index, jnp.int32)
             key_valid = jax.lax.dynamic_update_slice(cache.valid, attention_mask, (0, cache_index))
-        keys, values = [], []
         x = constrain(x.astype(self.dtype), ("batch", "length", "embed"))
-        for i, layer in enumerate(self.layers):
-            kv = None if cache is None else (cache.keys[i], cache.values[i])
-            x, new_kv = layer(x, cos, sin, key_valid, cache_index, kv)
-            if i < len(deepstack):
-                x = x + deepstack[i].astype(x.dtype)
-            x = constrain(x, ("batch", "length", "embed"))
-            if new_kv is not None:
-                keys.append(new_kv[0])
-                values.append(new_kv[1])
+        add_deepstack = _deepstack_adder(deepstack, x.dtype)
+
+        def body(layer: DecoderLayer, carry, i):
+            x, kv = carry
+            x, kv = layer(x, cos, sin, key_valid, cache_index, kv, i)
+            return (constrain(add_deepstack(x, i), ("batch", "length", "embed")), kv), None
+
+        kv = None if cache is None else (cache.keys, cache.values)
+        (x, kv), _ = scan_layers(self.layers, body, (x, kv), jnp.arange(num_layers, dtype=jnp.int32),
+                                 remat=self.remat)
         x = self.norm(x)
-        new_cache = None if cache is None else KVCache(tuple(keys), tuple(values), key_valid)
+        new_cache = None if cache is None else KVCache(kv[0], kv[1], key_valid)
         return x, new_cache
 
     def lm_head_matrix(self) -> jax.Array:
@@ -255,29 +267,51 @@ class TextDecoder(nnx.Module):
         return jnp.einsum("bld,dv->blv", hidden.astype(self.dtype), w, preferred_element_type=jnp.float32)
 
 
+def _deepstack_adder(deepstack: Sequence[jax.Array], dtype: DType):
+    """add(x, i): x + deepstack[i] for layer i < J, else x, inside the scan without a zero level per layer.
+
+    The J levels float[B, L, D] are stacked once (float[J, B, L, D]); layer i reads level min(i, J - 1)
+    and keeps it only when i < J.
+    """
+    if not deepstack:
+        return lambda x, i: x
+    levels = jnp.stack([d.astype(dtype) for d in deepstack])  # float[J, B, L, D]
+    last = len(deepstack) - 1
+
+    def add(x: jax.Array, i: jax.Array) -> jax.Array:
+        level = jax.lax.dynamic_index_in_dim(levels, jnp.minimum(i, last), keepdims=False)  # float[B, L, D]
+        return jnp.where(i <= last, x + level, x)
+
+    return add
+
+
 # ----------------------------------------------------------------------------------------------------
 # Checkpoint name mapping
 # ----------------------------------------------------------------------------------------------------
 
-def text_param_mapping(cfg: TextConfig) -> list[tuple[str, tuple, str]]:
-    """(HF name below `model.language_model.`, path inside TextDecoder, transform) for every decoder weight.
+def text_param_mapping(cfg: TextConfig) -> list[HFParam]:
+    """Every decoder weight: HF name(s) below `model.language_model.`, path inside TextDecoder, transform.
 
+    The stacked layer parameters (`layers/...`, float[Y, ...]) list `layers.{i}.<name>` for i < Y.
     Transforms as in `dig_jax.models.hf_io`: "linear" (torch [out, in] <-> our kernel [in, out]) or "copy".
     The untied `lm_head` lives outside `model.language_model` in HF and is added by `hf_io`.
     """
-    out: list[tuple[str, tuple, str]] = [("embed_tokens.weight", ("embed_tokens", "weight"), "copy"),
-                                         ("norm.weight", ("norm", "weight"), "copy")]
-    for i in range(cfg.num_hidden_layers):
-        hf, us = f"layers.{i}.", ("layers", i)
-        for proj in ("q_proj", "k_proj", "v_proj", "o_proj"):
-            out.append((f"{hf}self_attn.{proj}.weight", us + ("self_attn", proj, "kernel"), "linear"))
-            if cfg.attention_bias and proj != "o_proj":
-                out.append((f"{hf}self_attn.{proj}.bias", us + ("self_attn", proj, "bias"), "copy"))
-        if cfg.qk_norm:
-            out.append((f"{hf}self_attn.q_norm.weight", us + ("self_attn", "q_norm", "weight"), "copy"))
-            out.append((f"{hf}self_attn.k_norm.weight", us + ("self_attn", "k_norm", "weight"), "copy"))
-        for proj in ("gate_proj", "up_proj", "down_proj"):
-            out.append((f"{hf}mlp.{proj}.weight", us + ("mlp", proj, "kernel"), "linear"))
-        out.append((f"{hf}input_layernorm.weight", us + ("input_layernorm", "weight"), "copy"))
-        out.append((f"{hf}post_attention_layernorm.weight", us + ("post_attention_layernorm", "weight"), "copy"))
+    out = [hf_param("embed_tokens.weight", ("embed_tokens", "weight"), "copy"),
+           hf_param("norm.weight", ("norm", "weight"), "copy")]
+
+    def layer(name: str, path: tuple, transform: str):
+        names = [f"layers.{i}.{name}" for i in range(cfg.num_hidden_layers)]
+        out.append(hf_stacked_param(names, ("layers",) + path, transform))
+
+    for proj in ("q_proj", "k_proj", "v_proj", "o_proj"):
+        layer(f"self_attn.{proj}.weight", ("self_attn", proj, "kernel"), "linear")
+        if cfg.attention_bias and proj != "o_proj":
+            layer(f"self_attn.{proj}.bias", ("self_attn", proj, "bias"), "copy")
+    if cfg.qk_norm:
+        layer("self_attn.q_norm.weight", ("self_attn", "q_norm", "weight"), "copy")
+        layer("self_attn.k_norm.weight", ("self_attn", "k_norm", "weight"), "copy")
+    for proj in ("gate_proj", "up_proj", "down_proj"):
+        layer(f"mlp.{proj}.weight", ("mlp", proj, "kernel"), "linear")
+    layer("input_layernorm.weight", ("input_layernorm", "weight"), "copy")
+    layer("post_attention_layernorm.weight", ("post_attention_layernorm", "weight"), "copy")
     return out

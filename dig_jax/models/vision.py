@@ -14,9 +14,20 @@ Attention is dense and masked by segment ids (one segment per attention window o
 exactly HF's per-segment loop: a query never sees a key of another segment. Padding rows (segment 0)
 attend only to each other, so they stay finite and never touch a real row.
 
+The ViT blocks are one stacked module (`blocks`, parameters float[depth, ...]) run by one `lax.scan`
+(`dig_jax.models.layers.scan_layers`). What differs per block is a scanned input: Qwen2.5-VL's
+full-attention flag (frame segments instead of window segments) and Qwen3-VL's DeepStack tap slot (the
+hidden state after a tapped block is written into a small float[J, N, D] carry, so no other block's
+output is kept).
+
+Sharding: with `attention_block` (every image the same number of patches), the patch axis is sharded by
+whole images over the batch mesh axes ("batch" on the image axis of the [N/blk, blk, ...] view), so each
+device runs the ViT and holds the float32[images, A, blk, blk] attention logits of its own images only.
+
 Axis legend: N patches (padded), M = N/4 merged tokens, D vision width, F ViT feed-forward width,
 E = 4D merged width, O out_hidden_size (= the LLM width), A attention heads, H head dim, R patch row
-length C*T*patch*patch (1176 for Qwen2.5-VL, 1536 for Qwen3-VL).
+length C*T*patch*patch (1176 for Qwen2.5-VL, 1536 for Qwen3-VL), J DeepStack taps, blk patches per
+attention block (one image).
 """
 from __future__ import annotations
 
@@ -26,7 +37,8 @@ import numpy as np
 from flax import nnx
 
 from dig_jax.models.config import FAMILIES, VisionConfig
-from dig_jax.models.layers import Dense, LayerNorm, RMSNorm, SwiGLU, apply_rotary, param
+from dig_jax.models.layers import (Dense, HFParam, LayerNorm, RMSNorm, SwiGLU, apply_rotary, check_remat, hf_param,
+                                   hf_stacked_param, param, scan_layers, stack_layers)
 from dig_jax.models.vision_inputs import VisionInputs
 from dig_jax.sharding import constrain
 
@@ -165,9 +177,11 @@ def segment_attention(q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax
         if n % attention_block:
             raise ValueError(f"VisionTower attention_block={attention_block} must divide the padded patch count {n}")
         nb = n // attention_block
-        qb, kb, vb = (x.reshape(nb, attention_block, *x.shape[1:]) for x in (q, k, v))  # float[nb, blk, A, H]
+        qb, kb, vb = (constrain(x.reshape(nb, attention_block, *x.shape[1:]), ("batch", "patches", "heads", None))
+                      for x in (q, k, v))  # float[nb, blk, A, H], whole images per device
         seg = segment_ids.reshape(nb, attention_block)
         logits = jnp.einsum("bqah,bkah->baqk", qb, kb) * scale  # float[nb, A, blk, blk]
+        logits = constrain(logits, ("batch", "heads", None, None))
         same = (seg[:, :, None] == seg[:, None, :])[:, None]  # bool[nb, 1, blk, blk]
         logits = jnp.where(same, logits.astype(jnp.float32), jnp.finfo(jnp.float32).min)
         probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
@@ -265,19 +279,25 @@ class VisionTower(nnx.Module):
 
     `dtype` is the compute dtype; rotary, softmax and norm statistics stay in float32 as in HF.
     `query_chunk` (None = dense) bounds attention memory to float32[A, query_chunk, N] per block; it must
-    divide the padded patch count (see `segment_attention`).
+    divide the padded patch count (see `segment_attention`). `attention_block`: per-image attention and
+    image-sharded activations (module docstring). `remat` ("none" | "full" | "dots") rematerialises each
+    scanned block (see `dig_jax.models.layers`).
     """
 
     def __init__(self, cfg: VisionConfig, family: str, *, rngs: nnx.Rngs, dtype=jnp.float32,
-                 param_dtype=jnp.float32, query_chunk: int | None = None, attention_block: int | None = None):
+                 param_dtype=jnp.float32, query_chunk: int | None = None, attention_block: int | None = None,
+                 remat: str = "none"):
         _check_family(family)
+        check_remat(remat)
         self.cfg, self.family, self.dtype = cfg, family, dtype
+        self.attention_block, self.remat = attention_block, remat
         kw = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
         self.patch_embed = PatchEmbed(cfg, family, **kw)
         if family == QWEN3:
             self.pos_embed = LearnedPositions(cfg, rngs=rngs, param_dtype=param_dtype)
-        self.blocks = nnx.List([VisionBlock(cfg, family, query_chunk=query_chunk, attention_block=attention_block, **kw)
-                                for _ in range(cfg.depth)])
+        self.blocks = stack_layers(lambda r: VisionBlock(cfg, family, query_chunk=query_chunk,
+                                                         attention_block=attention_block, rngs=r, dtype=dtype,
+                                                         param_dtype=param_dtype), cfg.depth, rngs)
         if family == QWEN25:
             self.merger = Qwen25PatchMerger(cfg, **kw)
         else:
@@ -302,62 +322,107 @@ class VisionTower(nnx.Module):
             x = x + self.pos_embed(inputs.pos_embed_index, inputs.pos_embed_weight).astype(x.dtype)
         else:  # gather whole 2x2 blocks so every attention window is contiguous
             x = jnp.take(x.reshape(n // unit, unit, -1), inputs.window_index, axis=0).reshape(n, -1)
-        x = constrain(x, ("patches", "embed"))
+        x = self._constrain_patches(x)
         cos, sin = rotary_cos_sin(inputs.rotary_pos, cfg.head_dim, cfg.rope_theta)  # float32[N, H]
 
-        deepstack = []
-        for i, block in enumerate(self.blocks):
-            full = self.family == QWEN3 or i in cfg.fullatt_block_indexes
-            x = block(x, cos, sin, inputs.segment_ids if full else inputs.window_segment_ids)
-            x = constrain(x, ("patches", "embed"))
-            if self.family == QWEN3 and i in cfg.deepstack_visual_indexes:
-                deepstack.append(self.deepstack_merger_list[cfg.deepstack_visual_indexes.index(i)](x))
+        x, taps = self._run_blocks(x, cos, sin, inputs)
+        deepstack = tuple(self.deepstack_merger_list[cfg.deepstack_visual_indexes.index(block)](taps[j])
+                          for j, block in enumerate(self._tapped_blocks()))  # in block order, as HF
 
         merged = self.merger(x)  # float[M, O]
         if self.family == QWEN25:
             merged = jnp.take(merged, inputs.reverse_index, axis=0)
-        return merged, tuple(deepstack)
+        return merged, deepstack
+
+    def _tapped_blocks(self) -> list[int]:
+        """The blocks whose output feeds a DeepStack merger, in block order (Qwen3-VL; none for 2.5)."""
+        return sorted(set(self.cfg.deepstack_visual_indexes)) if self.family == QWEN3 else []
+
+    def _run_blocks(self, x: jax.Array, cos: jax.Array, sin: jax.Array, inputs: VisionInputs
+                    ) -> tuple[jax.Array, jax.Array | None]:
+        """The scanned ViT blocks: (x float[N, D] after the last block, taps float[J, N, D] or None).
+
+        Scanned per block: `full` (Qwen2.5-VL: frame segments in `fullatt_block_indexes`, window
+        segments elsewhere; Qwen3-VL: always frames) and `slot`, the block's DeepStack tap (its rank
+        among the tapped blocks) or -1. A tapped block's output overwrites slot `slot` of the taps carry.
+        """
+        cfg, depth, tapped = self.cfg, self.cfg.depth, self._tapped_blocks()
+        full = np.array([self.family == QWEN3 or i in cfg.fullatt_block_indexes for i in range(depth)])  # bool[depth]
+        slot = np.array([tapped.index(i) if i in tapped else -1 for i in range(depth)], np.int32)  # int32[depth]
+        taps = self._constrain_patches(jnp.zeros((len(tapped),) + x.shape, x.dtype)) if tapped else None
+
+        def body(block: VisionBlock, carry, per_block):
+            x, taps = carry
+            is_full, tap = per_block
+            segments = inputs.segment_ids if full.all() else jnp.where(is_full, inputs.segment_ids,
+                                                                       inputs.window_segment_ids)
+            x = self._constrain_patches(block(x, cos, sin, segments))
+            if taps is not None:
+                j = jnp.maximum(tap, 0)
+                keep = jax.lax.dynamic_index_in_dim(taps, j, keepdims=False)  # float[N, D]
+                taps = jax.lax.dynamic_update_slice(taps, jnp.where(tap >= 0, x, keep)[None], (j, 0, 0))
+            return (x, taps), None
+
+        (x, taps), _ = scan_layers(self.blocks, body, (x, taps), (jnp.asarray(full), jnp.asarray(slot)),
+                                   remat=self.remat)
+        return x, taps
+
+    def _constrain_patches(self, x: jax.Array) -> jax.Array:
+        """Patch activations float[..., N, D]: sharded by whole images ([..., N/blk, blk, D] view, image
+        axis as "batch") with `attention_block`; otherwise the patch axis is "patches" (not sharded)."""
+        lead, (n, d) = x.shape[:-2], x.shape[-2:]
+        none = (None,) * len(lead)
+        blk = self.attention_block
+        if blk is None or blk >= n or n % blk:
+            return constrain(x, none + ("patches", "embed"))
+        by_image = constrain(x.reshape(*lead, n // blk, blk, d), none + ("batch", "patches", "embed"))
+        return by_image.reshape(x.shape)
 
 
 # ----------------------------------------------------------------------------------------------------
 # Hugging Face parameter names
 # ----------------------------------------------------------------------------------------------------
 
-def vision_param_mapping(cfg: VisionConfig, family: str) -> list[tuple[str, tuple, str]]:
-    """(HF key without the `visual.` / `model.visual.` prefix, NNX path in `VisionTower`, transform).
+def vision_param_mapping(cfg: VisionConfig, family: str) -> list[HFParam]:
+    """Every tower parameter: HF key(s) without the `visual.` / `model.visual.` prefix, NNX path in
+    `VisionTower`, transform. The stacked block parameters (`blocks/...`, float[depth, ...]) list
+    `blocks.{i}.<name>` for every block i.
 
     transform: "linear" (torch Linear weight (out, in) -> kernel (in, out)), "copy" (biases, norms,
     the position table), "patch_embed" (Conv3d weight (D, C, T, P, P) -> kernel (C*T*P*P, D)).
     The list covers every parameter of the tower exactly once (tested).
     """
     _check_family(family)
-    out: list[tuple[str, tuple, str]] = []
+    out: list[HFParam] = []
+
+    def add(hf: str, path: tuple, transform: str):
+        if path[0] == "blocks":  # stacked: one HF tensor per block
+            out.append(hf_stacked_param([f"blocks.{i}.{hf}" for i in range(cfg.depth)], path, transform))
+        else:
+            out.append(hf_param(hf, path, transform))
 
     def linear(hf: str, path: tuple, bias: bool = True):
-        out.append((f"{hf}.weight", path + ("kernel",), "linear"))
+        add(f"{hf}.weight", path + ("kernel",), "linear")
         if bias:
-            out.append((f"{hf}.bias", path + ("bias",), "copy"))
+            add(f"{hf}.bias", path + ("bias",), "copy")
 
     def norm(hf: str, path: tuple):
-        out.append((f"{hf}.weight", path + ("weight",), "copy"))
+        add(f"{hf}.weight", path + ("weight",), "copy")
         if family == QWEN3:
-            out.append((f"{hf}.bias", path + ("bias",), "copy"))
+            add(f"{hf}.bias", path + ("bias",), "copy")
 
-    out.append(("patch_embed.proj.weight", ("patch_embed", "proj", "kernel"), "patch_embed"))
+    add("patch_embed.proj.weight", ("patch_embed", "proj", "kernel"), "patch_embed")
     if family == QWEN3:
-        out.append(("patch_embed.proj.bias", ("patch_embed", "proj", "bias"), "copy"))
-        out.append(("pos_embed.weight", ("pos_embed", "weight"), "copy"))
-    for i in range(cfg.depth):
-        hf, p = f"blocks.{i}", ("blocks", i)
-        norm(f"{hf}.norm1", p + ("norm1",))
-        norm(f"{hf}.norm2", p + ("norm2",))
-        linear(f"{hf}.attn.qkv", p + ("attn", "qkv"))
-        linear(f"{hf}.attn.proj", p + ("attn", "proj"))
-        names = ("gate_proj", "up_proj", "down_proj") if family == QWEN25 else ("linear_fc1", "linear_fc2")
-        for name in names:
-            linear(f"{hf}.mlp.{name}", p + ("mlp", name))
+        add("patch_embed.proj.bias", ("patch_embed", "proj", "bias"), "copy")
+        add("pos_embed.weight", ("pos_embed", "weight"), "copy")
+    norm("norm1", ("blocks", "norm1"))
+    norm("norm2", ("blocks", "norm2"))
+    linear("attn.qkv", ("blocks", "attn", "qkv"))
+    linear("attn.proj", ("blocks", "attn", "proj"))
+    for name in ("gate_proj", "up_proj", "down_proj") if family == QWEN25 else ("linear_fc1", "linear_fc2"):
+        linear(f"mlp.{name}", ("blocks", "mlp", name))
     if family == QWEN25:
-        out.append(("merger.ln_q.weight", ("merger", "ln_q", "weight"), "copy"))
+        add("merger.ln_q.weight", ("merger", "ln_q", "weight"), "copy")
         linear("merger.mlp.0", ("merger", "mlp_0"))
         linear("merger.mlp.2", ("merger", "mlp_2"))
     else:

@@ -1,7 +1,7 @@
 """The composed vision-language model (Qwen2.5-VL / Qwen3-VL): vision tower + text decoder.
 
 Axis legend: B batch, L length, S cache slots, D text width, V vocabulary, N padded patch count,
-K kv heads, H head dim.
+K kv heads, H head dim, Y decoder layers.
 
 Interface (what the sampler, the GRPO losses and `hf_io` build on)
 -----------------------------------------------------------------
@@ -12,7 +12,11 @@ Host side (numpy, outside jit; depends on image sizes):
       plus the positions, the one implementation shared with generate.batch.build_prompt_batch.
 
 Device side (jit-friendly, static shapes):
-  model = QwenVL(cfg, rngs=nnx.Rngs(0), dtype=jnp.float32, param_dtype=jnp.float32)
+  model = QwenVL(cfg, rngs=nnx.Rngs(0), dtype=jnp.float32, param_dtype=jnp.float32,
+                 vision_attention_block=None, remat="none")
+      Decoder layers and ViT blocks are stacked modules (`language_model.layers`, `visual.blocks`:
+      parameters with a leading layer axis) run by `lax.scan`; `remat` ("none" | "full" | "dots")
+      rematerialises each scanned layer in the backward pass (see `dig_jax.models.layers`).
   model.forward(input_ids int32[B, L], attention_mask int32[B, L], position_ids int32[3, B, L],
                 pixel_values float[N, patch_dim] | None, vision: VisionInputs | None,
                 cache: KVCache | None = None, cache_index: int32 scalar | None = None,
@@ -20,15 +24,16 @@ Device side (jit-friendly, static shapes):
       -> (logits float32[B, L, V]  or  hidden float[B, L, D] after the final norm,  new_cache | None)
       Image features are scattered into the image-pad positions in sequence order across the batch
       (row-major, as HF's masked_scatter). With a cache, the keys/values of these L tokens are written
-      at slots [cache_index, cache_index + L) of every layer and attention is causal over cache slots,
-      masked by the cache's valid-slot mask, which this call updates with `attention_mask`.
+      at slots [cache_index, cache_index + L) of every layer (cache.keys[y] is layer y's) and attention
+      is causal over cache slots, masked by the cache's valid-slot mask, which this call updates with
+      `attention_mask`.
       `image_features=(embeds float[N//4, D], deepstack tuple)` (from `encode_images`) may replace
       pixel_values/vision, e.g. to run the vision tower once per prompt and repeat the features.
   model.encode_images(pixel_values, vision) -> (embeds float[N//4, D], deepstack tuple of float[N//4, D])
   model.decode(tokens int32[B, 1], position_ids int32[3, B, 1], cache, cache_index, attention_mask=None)
       -> (logits float32[B, 1, V], cache)       one generation step; attention_mask defaults to ones.
   model.lm_head_matrix() -> float[D, V]          (the transposed embedding table when tied)
-  init_cache(cfg, batch, max_len, dtype) -> KVCache   (per layer keys/values float[B, S, K, H], valid int32[B, S])
+  init_cache(cfg, batch, max_len, dtype) -> KVCache   (keys/values float[Y, B, S, K, H], valid int32[B, S])
   next_position_ids(cache, rope_deltas) -> int32[3, B, 1]
       The decode-step position: (#valid slots so far) + rope_delta = max prompt position + 1 + k at
       step k, the same on all three axes (as HF's generation). Call it before the step that writes the token.
@@ -164,16 +169,18 @@ class QwenVL(nnx.Module):
     """Qwen2.5-VL or Qwen3-VL (chosen by `cfg.family`); see the module docstring for the interface."""
 
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, dtype: DType = jnp.float32,
-                 param_dtype: DType = jnp.float32, vision_attention_block: int | None = None):
+                 param_dtype: DType = jnp.float32, vision_attention_block: int | None = None, remat: str = "none"):
         """`vision_attention_block`: when every image fed to the model has that many patches (a dataset of
         one image size), the ViT attends inside per-image blocks instead of one masked [N, N] matrix;
-        same result, linear instead of quadratic in the number of images (see vision.segment_attention)."""
+        same result, linear instead of quadratic in the number of images (see vision.segment_attention),
+        and its activations are sharded by image over the batch mesh axes.
+        `remat`: the rematerialisation policy of every scanned decoder layer and ViT block."""
         self.cfg = cfg
         self.dtype = dtype
         self.visual = VisionTower(cfg.vision, cfg.family, rngs=rngs, dtype=dtype, param_dtype=param_dtype,
-                                  attention_block=vision_attention_block)
+                                  attention_block=vision_attention_block, remat=remat)
         self.language_model = TextDecoder(cfg.text, tie_word_embeddings=cfg.tie_word_embeddings, rngs=rngs,
-                                          dtype=dtype, param_dtype=param_dtype)
+                                          dtype=dtype, param_dtype=param_dtype, remat=remat)
 
     # -------------------------------------------------------------------------------------------
     def encode_images(self, pixel_values: jax.Array, vision: VisionInputs

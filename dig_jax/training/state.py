@@ -107,8 +107,16 @@ def data_iterator(run: Run, stage: str, cur_state: CurriculumState) -> Iterator[
 
 
 def fresh_reference(c: ml_collections.ConfigDict, stage: str, params):
-    """GRPO with a KL term keeps a frozen copy of the policy as it entered GRPO; otherwise None."""
-    return jax.tree.map(jnp.copy, params) if stage == "grpo" and c.grpo.kl_coef > 0 else None
+    """GRPO with a KL term keeps a frozen copy of the policy as it entered GRPO (floating parameters
+    stored in `grpo.reference_dtype`, sharded like the policy); otherwise None."""
+    if stage != "grpo" or c.grpo.kl_coef <= 0:
+        return None
+    dtype = jnp.dtype(c.grpo.reference_dtype)
+
+    def cast(x):  # always a new buffer: the update step donates the policy's
+        return x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) and x.dtype != dtype else jnp.copy(x)
+
+    return jax.tree.map(cast, params)
 
 
 def enter_stage(run: Run, state: TrainState, stage: str) -> tuple[TrainState, Stage]:
@@ -149,7 +157,7 @@ def restore_or_init(run: Run, ckpt: checkpointing.Checkpointer) -> tuple[TrainSt
     params = _filled(state.params, restored["params"])
     state = state.replace(params=params, rng=jax.random.wrap_key_data(saved["rng"]))
     if continuing:
-        reference = _filled(params, saved["reference"]) if "reference" in saved else None
+        reference = _filled(state.reference, saved["reference"]) if "reference" in saved else None
         state = state.replace(opt_state=saved["opt_state"], reference=reference)
     else:
         state = state.replace(reference=fresh_reference(c, stage.name, params))

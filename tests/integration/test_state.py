@@ -6,6 +6,7 @@ import os
 import shutil
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
@@ -73,9 +74,11 @@ def test_a_finished_run_restores_its_last_grpo_state(single_run, train_files):
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("reference_dtype", ["float32", "bfloat16"])
 def test_the_last_warmup_checkpoint_enters_grpo_with_a_fresh_optimiser_and_reference(single_run, train_files,
-                                                                                     tmp_path):
+                                                                                     tmp_path, reference_dtype):
     c = single_device(tiny_config.get_config(train_files))
+    c.grpo.reference_dtype = reference_dtype
     workdir = str(tmp_path)
     shutil.copytree(os.path.join(single_run.workdir, "checkpoints", str(c.sft.steps)),
                     os.path.join(workdir, "checkpoints", str(c.sft.steps)))
@@ -83,8 +86,9 @@ def test_the_last_warmup_checkpoint_enters_grpo_with_a_fresh_optimiser_and_refer
     assert (state.step, state.stage, stage.name) == (c.sft.steps, "grpo", "grpo")
     assert _adam_count(state.opt_state) == 0  # the warm-up's moments are not carried into GRPO
     params, reference = _flat(state.params), _flat(state.reference)
-    for path in params:  # the KL reference is the policy as GRPO starts
-        np.testing.assert_array_equal(reference[path], params[path], err_msg=path)
+    for path in params:  # the KL reference is the policy as GRPO starts, stored in grpo.reference_dtype
+        assert reference[path].dtype == np.dtype(jnp.dtype(reference_dtype)), path
+        np.testing.assert_array_equal(reference[path], params[path].astype(reference[path].dtype), err_msg=path)
 
 
 @pytest.mark.slow

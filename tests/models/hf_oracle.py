@@ -2,7 +2,7 @@
 
 Loaded by path from the test files (`load_oracle()` below is copied as a 3-line snippet), because
 tests/models is not importable as a package next to the real `dig_jax.models` package.
-The HF configs are written out by hand from our ModelConfig fields, not through `hf_io.to_hf_config`,
+The HF configs are written out by hand from our ModelConfig fields, not through `hf_config.to_hf_config`,
 so that the converter is tested against an independent description of the model.
 """
 from __future__ import annotations

@@ -53,9 +53,10 @@ def ours_from_hf(cfg: C.ModelConfig, hf_model) -> TextDecoder:
     sd = {k: v.detach().numpy() for k, v in hf_model.state_dict().items()}
     state = nnx.state(ours, nnx.Param)
     flat = dict(nnx.to_flat_state(state))
-    for hf_name, path, transform in text_param_mapping(cfg.text):
-        w = sd.pop(hf_name)
-        flat[path].set_value(jnp.asarray(w.T if transform == "linear" else w))
+    for entry in text_param_mapping(cfg.text):  # a stacked parameter holds one HF tensor per layer
+        ws = [sd.pop(name) for name in entry.hf_names]
+        ws = [w.T if entry.transform == "linear" else w for w in ws]
+        flat[entry.path].set_value(jnp.asarray(np.stack(ws) if entry.stacked else ws[0]))
     assert not [k for k in sd if "rotary" not in k], f"unmapped HF tensors: {sorted(sd)}"
     nnx.update(ours, state)
     return ours

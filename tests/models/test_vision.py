@@ -69,10 +69,11 @@ def load_hf_weights(tower: VisionTower, hf_model: torch.nn.Module, cfg, family: 
     hf_state = {k: v.detach().numpy() for k, v in hf_model.state_dict().items()}
     state = nnx.state(tower, nnx.Param)
     flat = dict(nnx.to_flat_state(state))
-    for hf_key, path, transform in vision_param_mapping(cfg, family):
-        value = hf_to_nnx(hf_state[hf_key], transform)
-        assert flat[path].get_value().shape == value.shape, (hf_key, path)
-        flat[path].set_value(jnp.asarray(value))
+    for entry in vision_param_mapping(cfg, family):  # a stacked parameter holds one HF tensor per block
+        values = [hf_to_nnx(hf_state[hf_key], entry.transform) for hf_key in entry.hf_names]
+        value = np.stack(values) if entry.stacked else values[0]
+        assert flat[entry.path].get_value().shape == value.shape, (entry.hf_names, entry.path)
+        flat[entry.path].set_value(jnp.asarray(value))
     nnx.update(tower, nnx.from_flat_state(flat))
 
 
@@ -97,6 +98,11 @@ def hf_forward(hf_model, pixels, grids):
         out = hf_model(torch.from_numpy(pixels), grid_thw=torch.tensor(grids))
     deep = getattr(out, "deepstack_features", None) or []
     return out.pooler_output.numpy(), [d.numpy() for d in deep]
+
+
+def layer_shape(entry, shape) -> tuple:
+    """The shape of one HF tensor's share of a parameter: one layer of a stacked one (float[depth, ...])."""
+    return tuple(shape[1:]) if entry.stacked else tuple(shape)
 
 
 def rel_err(ours, ref) -> float:
@@ -195,13 +201,15 @@ def test_param_mapping_covers_hf_and_nnx_exactly(family):
     hf_shapes = {k: tuple(v.shape) for k, v in hf_tower(cfg, family).state_dict().items()}
     tower = nnx.eval_shape(lambda: VisionTower(cfg, family, rngs=nnx.Rngs(0)))
     nnx_shapes = {p: v.get_value().shape for p, v in nnx.to_flat_state(nnx.state(tower, nnx.Param))}
-    assert sorted(k for k, _, _ in mapping) == sorted(hf_shapes)
-    assert sorted(p for _, p, _ in mapping) == sorted(nnx_shapes)
-    for hf_key, path, transform in mapping:
-        fake = np.arange(np.prod(hf_shapes[hf_key]), dtype=np.float32).reshape(hf_shapes[hf_key])
-        ours = hf_to_nnx(fake, transform)
-        assert ours.shape == nnx_shapes[path], hf_key
-        np.testing.assert_array_equal(nnx_to_hf(ours, transform, cfg), fake)
+    assert sorted(k for entry in mapping for k in entry.hf_names) == sorted(hf_shapes)
+    assert sorted(entry.path for entry in mapping) == sorted(nnx_shapes)
+    for entry in mapping:
+        for hf_key in entry.hf_names:
+            path, transform = entry.path, entry.transform
+            fake = np.arange(np.prod(hf_shapes[hf_key]), dtype=np.float32).reshape(hf_shapes[hf_key])
+            ours = hf_to_nnx(fake, transform)
+            assert ours.shape == layer_shape(entry, nnx_shapes[path]), hf_key
+            np.testing.assert_array_equal(nnx_to_hf(ours, transform, cfg), fake)
 
 
 @pytest.mark.parametrize("preset", ["qwen2_5_vl_3b", "qwen3_vl_8b"])  # the 2B/4B/7B towers differ only in O
@@ -216,9 +224,12 @@ def test_full_size_shapes_match_hf(preset):
     tower = nnx.eval_shape(lambda: VisionTower(cfg, family, rngs=nnx.Rngs(0), dtype=jnp.bfloat16))
     nnx_shapes = dict((p, v.get_value().shape) for p, v in nnx.to_flat_state(nnx.state(tower, nnx.Param)))
     mapping = vision_param_mapping(cfg, family)
-    assert sorted(k for k, _, _ in mapping) == sorted(hf_shapes)
-    for hf_key, path, transform in mapping:
-        assert hf_to_nnx(np.empty(hf_shapes[hf_key], np.float32), transform).shape == nnx_shapes[path], hf_key
+    assert sorted(k for entry in mapping for k in entry.hf_names) == sorted(hf_shapes)
+    for entry in mapping:
+        for hf_key in entry.hf_names:
+            path, transform = entry.path, entry.transform
+            assert hf_to_nnx(np.empty(hf_shapes[hf_key], np.float32), transform).shape == layer_shape(
+                entry, nnx_shapes[path]), hf_key
 
     side = 448 // cfg.patch_size
     grids = np.array([[1, side, side]] * 2)
