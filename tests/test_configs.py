@@ -7,12 +7,14 @@ import pytest
 from configs import base, demo_cpu, dig_qwen3vl
 from dig_jax import assemble
 from dig_jax.config_validation import ConfigError, validate
+from dig_jax.models import config as model_config
+from dig_jax.processing.examples import max_answer_tokens
 from dig_jax.rl.curriculum import Curriculum
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-@pytest.mark.parametrize("variant", ["4b", "8b", "qwen2_5_vl_3b", "qwen2_5_vl_7b"])
+@pytest.mark.parametrize("variant", ["4b", "8b", "4b_thinking", "8b_thinking", "qwen2_5_vl_3b", "qwen2_5_vl_7b"])
 def test_paper_configs_validate_on_a_pod(variant):
     c = dig_qwen3vl.get_config(variant)
     c.model.init_checkpoint = "/ckpt"
@@ -47,7 +49,7 @@ def test_full_size_preset_without_checkpoint_is_refused():
         validate(c, num_devices=1)
 
 
-@pytest.mark.parametrize("variant", ["4b", "qwen2_5_vl_7b"])
+@pytest.mark.parametrize("variant", ["4b", "4b_thinking", "8b_thinking", "qwen2_5_vl_7b"])
 def test_paper_config_generation_caps_hold_max_boxes_answers(variant, tmp_path):
     """The start-up check on the paper config, with the project's tiny tokenizer standing in for the real one
     (same pre-tokenizer: digits one by one, so coordinates cost as much) on 1024 px renders (4-digit pixel
@@ -60,6 +62,62 @@ def test_paper_config_generation_caps_hold_max_boxes_answers(variant, tmp_path):
     for field in ("grpo.max_new_tokens", "eval.max_new_tokens"):
         section, name = field.split(".")
         assemble.check_room_for_answers(c, builder, field, c[section][name])
+
+
+@pytest.mark.parametrize("size", ["4b", "8b"])
+def test_thinking_variants_differ_only_in_template_and_caps(size):
+    """The Thinking variants keep every setting of their Instruct twin but the preset, the template, the
+    reasoning budget and the two generation caps (reasoning + the longest answer)."""
+    thinking, instruct = (_flat(dig_qwen3vl.get_config(v).to_dict()) for v in (f"{size}_thinking", size))
+    changed = {k for k in thinking.keys() | instruct.keys() if thinking.get(k) != instruct.get(k)}
+    assert changed == {"model.preset", "data.chat_template", "data.reasoning_budget", "grpo.max_new_tokens",
+                       "eval.max_new_tokens"}
+    assert thinking["model.preset"] == f"qwen3_vl_{size}_thinking" and thinking["data.chat_template"] == "thinking"
+    assert model_config.preset(f"qwen3_vl_{size}_thinking") == model_config.preset(f"qwen3_vl_{size}")
+
+
+def _flat(d, prefix=""):
+    out = {}
+    for key, value in d.items():
+        out.update(_flat(value, f"{prefix}{key}.") if isinstance(value, dict) else {f"{prefix}{key}": value})
+    return out
+
+
+@pytest.mark.parametrize("field", ["grpo.max_new_tokens", "eval.max_new_tokens"])
+def test_thinking_cap_without_room_for_reasoning_is_refused(field, tmp_path):
+    """512 tokens hold the Instruct answer of 8 boxes but not 1536 tokens of reasoning before it."""
+    c = _with_preset(dig_qwen3vl.get_config("4b_thinking"))
+    family = assemble.model_family(c)
+    tok_path = assemble.tokenizer_path(c, str(tmp_path), family)
+    cfg = assemble.model_config_from(c, assemble.load_run_tokenizer(c, tok_path))
+    builder = assemble.example_builder(c, cfg, tok_path, (1024, 1024))
+    section, name = field.split(".")
+    with pytest.raises(ConfigError, match=rf"^config\.{field}: 512 new tokens cannot hold an answer of "
+                                          rf"data\.max_boxes=8 boxes after data\.reasoning_budget=1536 tokens "
+                                          rf"of reasoning, which takes up to \d+ tokens"):
+        assemble.check_room_for_answers(c, builder, field, 512)
+    need = max_answer_tokens(builder, 8) + 1536
+    assemble.check_room_for_answers(c, builder, field, need)  # exactly enough
+    with pytest.raises(ConfigError, match=rf"^config\.{field}: {need - 1} new tokens"):
+        assemble.check_room_for_answers(c, builder, field, need - 1)
+    assert c[section][name] >= need
+
+
+@pytest.mark.parametrize("changes, field", [
+    ({"data.chat_template": "reasoning"}, "data.chat_template"),
+    ({"model.preset": "qwen2_5_vl_tiny", "model.vision_position_init": "normal", "data.chat_template": "thinking"},
+     "data.chat_template"),
+    ({"data.reasoning_budget": 64}, "data.reasoning_budget"),  # the Instruct template has no reasoning
+    ({"data.chat_template": "thinking", "data.reasoning_budget": -1}, "data.reasoning_budget"),
+])
+def test_chat_template_fields_are_checked_and_named(changes, field):
+    c = _demo_with_data()
+    for path, value in changes.items():
+        section, name = path.split(".")
+        c[section][name] = value
+    with pytest.raises(ConfigError) as e:
+        validate(c, num_devices=1)
+    assert str(e.value).startswith(f"config.{field}:"), str(e.value)
 
 
 def _demo_with_data():

@@ -12,7 +12,9 @@ broken down by number of differences (`by_num_differences/<m>/...`) and by diffe
 no kind, so precision is not defined per kind).
 
 Each answer is parsed and matched once, by the reward (`rewards.match_answer`): the metrics above and
-the reward then come from the same predicted boxes and the same matching.
+the reward then come from the same predicted boxes and the same matching. Under the Thinking template
+(`data.chat_template`) the answer is the text after `</think>`; a greedy answer still reasoning at
+`eval.max_new_tokens` has none (no boxes, format_ok 0).
 """
 from __future__ import annotations
 
@@ -138,7 +140,8 @@ class DigEvaluator:
                                         selection=None, seed=c.seed, shuffle=False, num_epochs=1)
         return cls(model_cfg=ctx.model_cfg, tokenizer=ctx.tokenizer, dataset=dataset,
                    rows_per_process=c.eval.batch_size // jax.process_count(),
-                   reward_config=rewards.RewardConfig.from_config(c.reward, ctx.model_cfg.family),
+                   reward_config=rewards.RewardConfig.from_config(c.reward, ctx.model_cfg.family,
+                                                                  c.data.chat_template),
                    max_new_tokens=c.eval.max_new_tokens, num_visualise=c.eval.num_visualise,
                    prompt_bucket=c.data.prompt_bucket, mesh=ctx.mesh, max_pairs=c.eval.num_pairs)
 

@@ -11,6 +11,11 @@ Parsing never raises on any string (GRPO scores whatever a policy samples):
 - format_ok = 1 when a complete JSON list was found (after removing a thinking block and an optional
   ```json fence; prose around it is allowed) and every element is an object with a valid `bbox_2d`.
   Otherwise 0, but valid boxes that could be recovered are still returned.
+- Thinking block: the answer is what follows the last `</think>`. A `<think>` the completion opens and
+  never closes hides everything after it. With `thinking=True` (the Qwen3-VL Thinking template, whose
+  generation prompt already opened the block) a completion without `</think>` is still reasoning: it has
+  no answer, so no boxes and format_ok 0 (like any answer without a JSON list; on a pair without
+  differences the reward's both-sets-empty rule then still pays its accuracy part).
 - A box is valid when it is 4 finite real numbers (not bools, not strings) with x1 < x2 and y1 < y2;
   anything else is dropped and makes format_ok 0 (inverted corners are dropped, not repaired: the
   answer format is (top-left, bottom-right)).
@@ -148,11 +153,14 @@ _FENCE = re.compile(r"```[ \t]*(?:json|JSON)?[ \t]*\r?\n?(.*?)```", re.DOTALL)
 _EMPTY = np.zeros((0, 4), np.float64)
 
 
-def _strip_thinking(text: str) -> str:
-    """Keep what follows the last </think>; an unclosed <think> means no answer was given yet."""
+def _strip_thinking(text: str, thinking: bool) -> str:
+    """Keep what follows the last </think>; an unclosed <think> (or, with `thinking`, the block the prompt
+    opened) means no answer was given yet."""
     closes = list(_THINK_CLOSE.finditer(text))
     if closes:
         return text[closes[-1].end():]
+    if thinking:
+        return ""
     opened = _THINK_OPEN.search(text)
     return text[:opened.start()] if opened else text
 
@@ -220,17 +228,18 @@ def _salvage_objects(text: str) -> list:
     return found
 
 
-def parse_answer(text: Any) -> ParsedAnswer:
+def parse_answer(text: Any, thinking: bool = False) -> ParsedAnswer:
     """Tolerant parse of a model answer into boxes (answer coordinates). Never raises.
 
     Order: drop the thinking block; prefer the last ```json fence if any; take the first JSON list of
     objects; failing that, salvage complete objects that have a bbox_2d (format_ok is then False).
+    `thinking`: the completion continues a prompt that opened a `<think>` block (module docstring).
     """
     if not isinstance(text, str):
         return ParsedAnswer(_EMPTY, False, 0)
     # No catch-all: every step is total (regexes; JSON errors are caught in _decode_at), which the
     # hypothesis fuzz test checks.
-    body = _strip_thinking(text)
+    body = _strip_thinking(text, thinking)
     fences = _FENCE.findall(body)
     candidates = [fences[-1], body] if fences else [body]
     items = None

@@ -8,7 +8,8 @@ Per example (P = patches of both images, Lp prompt length, La answer length, M =
   pixel_values    float32[P, C*T*p*p]   both images, HF patch order
   image_grid_thw  int32[2, 3]
   prompt_ids      int32[Lp]  left-padded    prompt_mask  int32[Lp]
-  answer_ids      int32[La]  right-padded   answer_mask  int32[La]   (supervised target, ends with <|im_end|>)
+  answer_ids      int32[La]  right-padded   answer_mask  int32[La]   (supervised target, ends with <|im_end|>;
+                  with the Thinking template it starts by closing the prompt's empty reasoning block)
   gt_boxes        float32[M, 4] pixel xyxy on the rendered image, zero rows past `num_differences`
   gt_mask         bool[M]         kind_ids  int32[M] (index into data_pipeline.differences.KINDS, -1 = none)
   num_differences int32[]     original_hw int32[2]    resized_hw int32[2]
@@ -23,8 +24,8 @@ import numpy as np
 
 from data_pipeline.differences import KINDS
 from dig_jax.processing.answers import format_answer
-from dig_jax.processing import (ImageProcessorConfig, chat_prompt, expand_image_tokens, load_tokenizer,
-                                preprocess_images, special_token_ids)
+from dig_jax.processing import (ImageProcessorConfig, answer_prefix, chat_prompt, check_chat_template,
+                                expand_image_tokens, load_tokenizer, preprocess_images, special_token_ids)
 
 IM_END = "<|im_end|>"
 
@@ -40,6 +41,7 @@ class InputSpec:
     prompt_bucket: int
     answer_len: int
     keep_images: bool = False  # pass image_a / image_b through (evaluation draws predictions on them)
+    chat_template: str = "instruct"  # "instruct" | "thinking" (Qwen3-VL Thinking; processing.template)
 
 
 class ExampleBuilder:
@@ -47,6 +49,7 @@ class ExampleBuilder:
 
     def __init__(self, spec: InputSpec, tokenizer_path: str, image_hw: tuple[int, int],
                  require_real_ids: bool = True):
+        check_chat_template(spec.family, spec.chat_template)
         self.spec = spec
         self.tokenizer_path = tokenizer_path
         self.require_real_ids = require_real_ids
@@ -56,7 +59,8 @@ class ExampleBuilder:
         _, grid = preprocess_images([blank, blank], spec.image_cfg)
         self.image_grid_thw = grid.astype(np.int32)  # int32[2, 3]
         self.resized_hw = (int(grid[0, 1]) * spec.image_cfg.patch_size, int(grid[0, 2]) * spec.image_cfg.patch_size)
-        text = chat_prompt(spec.family, spec.prompt_text, num_images=2, add_vision_id=spec.add_vision_id)
+        text = chat_prompt(spec.family, spec.prompt_text, num_images=2, add_vision_id=spec.add_vision_id,
+                           chat_template=spec.chat_template)
         ids = self.tokenizer.encode(text, add_special_tokens=False).ids
         special = special_token_ids(self.tokenizer)
         self.pad_id = special["pad_token_id"]
@@ -84,6 +88,13 @@ class ExampleBuilder:
         labels = list(kinds) if self.spec.label_mode == "kind" else [self.spec.label_mode] * len(kinds)
         return format_answer(boxes_px, labels, self.spec.family, self.image_hw, self.resized_hw)
 
+    def target_text(self, boxes_px: np.ndarray, kinds: list[str]) -> str:
+        """The supervised continuation of the prompt: the answer as the template renders an assistant turn
+        without reasoning, then <|im_end|>. For the Thinking template that is `\\n</think>\\n\\n` + answer:
+        its rendering of such a turn is `<think>\\n\\n</think>\\n\\n` + answer, whose `<think>\\n` the
+        prompt already holds (the tokens then match what the sampler continues from at generation time)."""
+        return answer_prefix(self.spec.chat_template) + self.answer_text(boxes_px, kinds) + IM_END
+
     def __call__(self, record: Mapping[str, Any]) -> dict[str, np.ndarray]:
         """`record` is a loader example (padded `boxes` + `box_mask` + `kind_ids`) or a decoded record
         (`boxes` float[M, 4] + `kinds`)."""
@@ -110,7 +121,7 @@ class ExampleBuilder:
             kinds = [KINDS[int(k)] for k in np.asarray(record["kind_ids"])[keep]]
         else:
             kinds = list(record["kinds"])
-        answer = self.answer_text(boxes, kinds) + IM_END
+        answer = self.target_text(boxes, kinds)
         answer_ids = np.asarray(self.tokenizer.encode(answer, add_special_tokens=False).ids, np.int32)
         if len(answer_ids) > spec.answer_len:
             raise ValueError(f"record seed={record.get('seed')}: answer needs {len(answer_ids)} tokens but "
@@ -145,9 +156,10 @@ class ExampleBuilder:
 
 
 def max_answer_tokens(builder: ExampleBuilder, max_boxes: int) -> int:
-    """Tokens of the longest answer `max_boxes` boxes can need (widest coordinates, longest label)."""
+    """Tokens of the longest answer `max_boxes` boxes can need (widest coordinates, longest label), with
+    the close of the reasoning block that precedes it under the Thinking template (no reasoning)."""
     h, w = builder.image_hw
     box = np.array([[w - 1, h - 1, w, h]], np.float32)
     labels = ["material"] if builder.spec.label_mode == "kind" else [builder.spec.label_mode]
-    text = builder.answer_text(np.repeat(box, max_boxes, 0), labels * max_boxes) + IM_END
+    text = builder.target_text(np.repeat(box, max_boxes, 0), labels * max_boxes)
     return len(builder.tokenizer.encode(text, add_special_tokens=False).ids)

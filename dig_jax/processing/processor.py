@@ -25,15 +25,18 @@ class Processor:
 
     Attributes:
       family: 'qwen2_5_vl' or 'qwen3_vl'.
+      chat_template: 'instruct' or (Qwen3-VL) 'thinking': the template style prompts are rendered with.
       image_cfg: the `ImageProcessorConfig` (family preset unless given).
       tokenizer: the `tokenizers.Tokenizer` read from `tokenizer_path`.
       eos_token_id (<|im_end|>), pad_token_id (<|endoftext|>), image_token_id (<|image_pad|>),
       vision_start_token_id, vision_end_token_id, im_start_token_id: real Qwen ids, checked on load.
     """
 
-    def __init__(self, family: str, tokenizer_path: str, image_cfg: image_lib.ImageProcessorConfig | None = None):
-        template_lib.check_family(family)
+    def __init__(self, family: str, tokenizer_path: str, image_cfg: image_lib.ImageProcessorConfig | None = None,
+                 chat_template: str = "instruct"):
+        template_lib.check_chat_template(family, chat_template)
         self.family = family
+        self.chat_template = chat_template
         self.image_cfg = image_cfg if image_cfg is not None else image_lib.ImageProcessorConfig.for_family(family)
         self.tokenizer = tokenizer_lib.load_tokenizer(tokenizer_path)
         special = tokenizer_lib.SPECIAL_TOKENS
@@ -47,7 +50,8 @@ class Processor:
     # ---------------------------------------------------------------- text
     def prompt(self, text: str, num_images: int = 2, add_vision_id: bool = False, system: str | None = None) -> str:
         """`chat_prompt` for this family (user turn with images then text, assistant header appended)."""
-        return template_lib.chat_prompt(self.family, text, num_images, add_vision_id=add_vision_id, system=system)
+        return template_lib.chat_prompt(self.family, text, num_images, add_vision_id=add_vision_id, system=system,
+                                        chat_template=self.chat_template)
 
     def encode(self, text: str) -> np.ndarray:
         """int32[L]: token ids of `text` as written (image placeholders not expanded, no padding)."""
@@ -95,7 +99,9 @@ class Processor:
             raise ValueError(f"padding_side must be 'left' or 'right', got {padding_side!r}")
         if isinstance(prompts, str) or (prompts and isinstance(prompts[0], Mapping)):
             prompts = [prompts]
-        texts = [p if isinstance(p, str) else template_lib.render_messages(self.family, p) for p in prompts]
+        texts = [p if isinstance(p, str) else template_lib.render_messages(self.family, p,
+                                                                           chat_template=self.chat_template)
+                 for p in prompts]
         flat_images, per_prompt = self._flatten_images(images, len(texts))
 
         pixel_values, grid = image_lib.preprocess_images(flat_images, self.image_cfg)

@@ -14,7 +14,8 @@ answers), then laid out so that every id that matters has its real value:
   151643 ... 151656     the special tokens of `SPECIAL_TOKENS` (same ids as Qwen2.5-VL / Qwen3-VL);
   151657 ...            the family's non-special added tokens (`<tool_call>`, `<think>`, ...).
 
-Command line: `python -m dig_jax.processing --out DIR [--family qwen3_vl|qwen2_5_vl]`.
+Command line: `python -m dig_jax.processing --out DIR [--family qwen3_vl|qwen2_5_vl]
+[--chat-template instruct|thinking]`.
 
 Words in `PINNED_IDS` ("assistant" -> 77091, which Qwen's fine-tuning code uses to find answer spans) are
 moved from their trained id to the real one, and a filler takes their old place. The model's embedding
@@ -29,7 +30,7 @@ import random
 import tokenizers
 from tokenizers import decoders, models, normalizers, pre_tokenizers, processors, trainers
 
-from dig_jax.processing.template import CHAT_TEMPLATES
+from dig_jax.processing.template import jinja_template
 
 # The released Qwen2 tokenizer's ids (tokenizer_config.json, shared by both families; <|im_end|> is the
 # EOS); `special=True` tokens are skipped when decoding answers.
@@ -126,12 +127,14 @@ def _train_bpe(corpus: list[str], vocab_size: int) -> tuple[dict[str, int], list
 
 
 def build_tiny_tokenizer(path: str, family: str = "qwen3_vl", bpe_vocab_size: int = 1024,
-                         seed: int = 0, compact: bool = False) -> str:
+                         seed: int = 0, compact: bool = False, chat_template: str = "instruct") -> str:
     """Build the tiny Qwen2-style tokenizer and write `tokenizer.json` (plus HF side files) under `path`.
 
     `path` is a directory (created if needed). Also writes `tokenizer_config.json` and the family's
-    `chat_template.jinja` so that HF's `AutoTokenizer.from_pretrained(path)` loads the same tokenizer and
-    template (used by the parity tests; our own code reads only tokenizer.json).
+    `chat_template.jinja` (of style `chat_template`: "instruct" or, Qwen3-VL only, "thinking") so that HF's
+    `AutoTokenizer.from_pretrained(path)` loads the same tokenizer and template (used by the parity tests;
+    our own code reads only tokenizer.json). The template only decides that side file: Qwen3-VL's
+    `<think>` / `</think>` are added tokens at their real ids whichever style is written.
     Returns the path of `tokenizer.json`. Deterministic: the same arguments give the same file.
 
     `compact=True` keeps the same tokens (special tokens included, same strings) but numbers the added
@@ -142,10 +145,11 @@ def build_tiny_tokenizer(path: str, family: str = "qwen3_vl", bpe_vocab_size: in
     """
     if family not in NON_SPECIAL_ADDED_TOKENS:
         raise ValueError(f"unknown model family {family!r}; expected one of {sorted(NON_SPECIAL_ADDED_TOKENS)}")
+    template = jinja_template(family, chat_template)
     vocab, merges = _train_bpe(tiny_corpus(seed), bpe_vocab_size)
     n_bpe = len(vocab)
     if compact:
-        return _write_compact(path, family, vocab, merges)
+        return _write_compact(path, family, vocab, merges, template)
     if n_bpe > min(PINNED_IDS.values()):
         raise ValueError(f"bpe_vocab_size={bpe_vocab_size} leaves no room below the pinned ids {PINNED_IDS}")
     by_id = {i: t for t, i in vocab.items()}
@@ -186,11 +190,11 @@ def build_tiny_tokenizer(path: str, family: str = "qwen3_vl", bpe_vocab_size: in
     with open(os.path.join(path, "tokenizer_config.json"), "w") as f:
         json.dump(config, f, indent=2)
     with open(os.path.join(path, "chat_template.jinja"), "w") as f:
-        f.write(CHAT_TEMPLATES[family])
+        f.write(template)
     return tokenizer_file
 
 
-def _write_compact(path: str, family: str, vocab: dict[str, int], merges) -> str:
+def _write_compact(path: str, family: str, vocab: dict[str, int], merges, template: str) -> str:
     tok = _empty_qwen2_tokenizer(models.BPE(vocab=dict(vocab), merges=merges, fuse_unk=False, byte_fallback=False))
     added = [(t, True) for t in SPECIAL_TOKENS] + [(t, False) for t in NON_SPECIAL_ADDED_TOKENS[family]]
     for token, special in added:
@@ -199,7 +203,7 @@ def _write_compact(path: str, family: str, vocab: dict[str, int], merges) -> str
     tokenizer_file = os.path.join(path, "tokenizer.json")
     tok.save(tokenizer_file)
     with open(os.path.join(path, "chat_template.jinja"), "w") as f:
-        f.write(CHAT_TEMPLATES[family])
+        f.write(template)
     return tokenizer_file
 
 

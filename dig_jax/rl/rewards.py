@@ -21,6 +21,11 @@ Definitions, precisely:
   missed); the reward is then alpha * format_ok.
 - format_ok as `processing.answers.parse_answer` defines it. Valid boxes are clipped to the image; one
   that is empty after clipping (entirely outside) is dropped without touching format_ok.
+- Answers are scored after the reasoning block: the text after the last `</think>`. Under the Qwen3-VL
+  Thinking template (`RewardConfig.chat_template = "thinking"`) the prompt opened the block, so a
+  completion that never closes it (still reasoning when it hit the token cap) has no answer: no boxes and
+  format_ok 0, i.e. reward 0 on a pair with differences (and (1 - alpha) on one without, by the
+  both-sets-empty rule above, as for any answer without a JSON list).
 """
 
 from __future__ import annotations
@@ -35,6 +40,7 @@ import numpy as np
 from scipy.optimize import linear_sum_assignment
 
 from dig_jax.processing.answers import Hw, answer_extent, check_family, parse_answer, pixels_to_normalized
+from dig_jax.processing.template import CHAT_TEMPLATE_STYLES, check_chat_template
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -52,6 +58,8 @@ class RewardConfig:
       l1_cost_weight: matching cost weight of the mean absolute corner difference (normalised coords).
       giou_cost_weight: matching cost weight of (1 - generalised IoU).
       family: answer coordinate convention, "qwen3_vl" (0..1000) or "qwen2_5_vl" (resized pixels).
+      chat_template: the prompts' template style, "instruct" or "thinking" (the prompt opened a reasoning
+        block: the answer follows `</think>`, and a completion without one has none).
     """
     alpha: float = 0.1
     lambda1: float = 0.5
@@ -60,6 +68,7 @@ class RewardConfig:
     l1_cost_weight: float = 1.0
     giou_cost_weight: float = 1.0
     family: str = "qwen3_vl"
+    chat_template: str = "instruct"
 
     def __post_init__(self):
         for name in ("alpha", "lambda1", "lambda2", "iou_threshold", "l1_cost_weight", "giou_cost_weight"):
@@ -73,12 +82,18 @@ class RewardConfig:
         if self.l1_cost_weight == 0 and self.giou_cost_weight == 0:
             raise ValueError("RewardConfig.l1_cost_weight and giou_cost_weight cannot both be 0")
         check_family(self.family, "RewardConfig.family")
+        if self.chat_template not in CHAT_TEMPLATE_STYLES:
+            raise ValueError(f"RewardConfig.chat_template must be one of {CHAT_TEMPLATE_STYLES}, "
+                             f"got {self.chat_template!r}")
+        check_chat_template(self.family, self.chat_template)
 
     @classmethod
-    def from_config(cls, reward: ml_collections.ConfigDict, family: str) -> "RewardConfig":
-        """From the config's `reward` section; the family (answer coordinates) comes from the model."""
+    def from_config(cls, reward: ml_collections.ConfigDict, family: str,
+                    chat_template: str = "instruct") -> "RewardConfig":
+        """From the config's `reward` section; the family (answer coordinates) comes from the model, the
+        template style from `data.chat_template`."""
         return cls(alpha=reward.alpha, lambda1=reward.lambda1, lambda2=reward.lambda2,
-                   iou_threshold=reward.iou_threshold, family=family)
+                   iou_threshold=reward.iou_threshold, family=family, chat_template=chat_template)
 
     @property
     def max_reward(self) -> float:
@@ -196,7 +211,7 @@ def match_answer(text: Any, gt_boxes_px, original_hw: Hw, resized_hw: Hw | None 
     """Parse, match and score one answer (see `score_answer`), keeping the match."""
     gt = pixels_to_normalized(gt_boxes_px, original_hw)
     ext_w, ext_h = answer_extent(config.family, original_hw, resized_hw)
-    parsed = parse_answer(text)
+    parsed = parse_answer(text, thinking=config.chat_template == "thinking")
     pred, _ = _clip_valid(parsed.boxes / np.array([ext_w, ext_h, ext_w, ext_h]))
     rows, cols, matched_iou = match_boxes(pred, gt, config)
     return ScoredAnswer(_metrics(len(pred), len(gt), matched_iou, parsed.format_ok, config), pred, rows, cols,
@@ -258,9 +273,11 @@ def dig_reward(config: RewardConfig) -> RewardFn:
 REWARD_FNS: dict[str, Callable[[RewardConfig], RewardFn]] = {"dig": dig_reward}
 
 
-def reward_fn_from_config(reward: ml_collections.ConfigDict, family: str) -> RewardFn:
-    """The reward function `reward.fn` names (default "dig"), with the section's weights."""
+def reward_fn_from_config(reward: ml_collections.ConfigDict, family: str,
+                          chat_template: str = "instruct") -> RewardFn:
+    """The reward function `reward.fn` names (default "dig"), with the section's weights; `chat_template`
+    is the run's `data.chat_template` (where a completion's answer starts)."""
     name = reward.get("fn", "dig")
     if name not in REWARD_FNS:
         raise ValueError(f"config.reward.fn: {name!r} is not one of {sorted(REWARD_FNS)}")
-    return REWARD_FNS[name](RewardConfig.from_config(reward, family))
+    return REWARD_FNS[name](RewardConfig.from_config(reward, family, chat_template))

@@ -59,7 +59,7 @@ def setup(c: ml_collections.ConfigDict, workdir: str, reward_fn: rewards.RewardF
     iteration = grpo.IterationSetup(
         graphdef=graphdef, model_cfg=model_cfg, tokenizer=tokenizer, mesh=mesh,
         sampling=SamplingConfig.from_config(c.grpo, model_cfg), loss=grpo.GRPOConfig.from_config(c.grpo),
-        reward_fn=reward_fn or rewards.reward_fn_from_config(c.reward, model_cfg.family),
+        reward_fn=reward_fn or rewards.reward_fn_from_config(c.reward, model_cfg.family, c.data.chat_template),
         group_size=int(c.grpo.group_size), num_minibatches=int(c.grpo.num_minibatches),
         prompt_bucket=int(c.data.prompt_bucket), scoring_chunk=int(c.grpo.scoring_chunk),
         transfer_guard=c.log.transfer_guard)

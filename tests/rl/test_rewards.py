@@ -307,3 +307,77 @@ def test_batch_matches_per_sample():
 def test_config_errors_name_the_field(kwargs, field):
     with pytest.raises(ValueError, match=f"RewardConfig.{field}"):
         R.RewardConfig(**kwargs)
+
+
+# ------------------------------------------------------------------------------------ thinking template
+THINKING = R.RewardConfig(chat_template="thinking")  # the prompt opened <think>: completions start inside it
+
+
+def test_thinking_answer_is_scored_after_the_block():
+    """The text after </think> is parsed as an Instruct answer is; a decoy list in the reasoning is ignored."""
+    gt = [[0, 0, 100, 100], [200, 200, 300, 300]]
+    answer = _answer([250, 200, 350, 300], [0, 0, 100, 100])
+    decoy = _answer([900, 900, 950, 950])
+    completion = f"Picture 2 has a box at {decoy}, no: two changes.\n</think>\n\n{answer}"
+    thinking = R.score_answer(completion, gt, SQUARE, config=THINKING)
+    assert thinking == R.score_answer(answer, gt, SQUARE, config=CFG)
+    assert thinking["reward"] == pytest.approx(0.625) and thinking["num_pred"] == 2.0
+
+
+def test_unclosed_thinking_block_has_no_answer():
+    """Cut off while reasoning: no boxes and format 0, even when the reasoning holds a well-formed list that
+    the Instruct parser (no block opened by the prompt) takes as the answer."""
+    gt = [[0, 0, 100, 100]]
+    completion = f"Maybe the answer is {_answer([0, 0, 100, 100])} but let me check the other cube"
+    m = R.score_answer(completion, gt, SQUARE, config=THINKING)
+    assert (m["reward"], m["format_ok"], m["num_pred"], m["f1"]) == (0.0, 0.0, 0.0, 0.0)
+    assert R.score_answer(completion, gt, SQUARE, config=CFG)["reward"] == pytest.approx(1.0)
+    parsed = A.parse_answer(completion, thinking=True)
+    assert parsed.boxes.shape == (0, 4) and not parsed.format_ok
+    # A pair without differences: the both-sets-empty rule pays accuracy, the format part stays 0.
+    assert R.score_answer(completion, [], SQUARE, config=THINKING)["reward"] == pytest.approx(0.9)
+
+
+@pytest.mark.parametrize("text", [
+    f"\n</think>\n\n{GOOD}",  # the empty block the supervised warm-up writes
+    f"reasoning </think>\n```json\n{GOOD}\n```",
+    f"first</think> second [] </think>{GOOD}",  # the last close wins, as for Instruct
+])
+def test_thinking_parses_what_follows_the_last_close(text):
+    parsed = A.parse_answer(text, thinking=True)
+    assert parsed.format_ok and A.parse_answer(text).format_ok
+    np.testing.assert_array_equal(parsed.boxes, [BOX])
+    np.testing.assert_array_equal(A.parse_answer(text).boxes, [BOX])
+
+
+@hypothesis.settings(max_examples=200, deadline=None, derandomize=True)
+@hypothesis.given(st.lists(st.sampled_from(_FRAGMENTS), max_size=60).map("".join))
+def test_thinking_equals_instruct_on_a_completion_that_opened_the_block(text):
+    """Prompt-opened block = the Instruct parser reading `<think>` + completion; never raises."""
+    thinking, instruct = A.parse_answer(text, thinking=True), A.parse_answer("<think>" + text)
+    assert thinking.format_ok == instruct.format_ok and thinking.num_dropped == instruct.num_dropped
+    np.testing.assert_array_equal(thinking.boxes, instruct.boxes)
+    assert 0.0 <= R.score_answer(text, [[0, 0, 5, 5]], SQUARE, config=THINKING)["reward"] <= 1.0
+
+
+def test_thinking_reward_fn_from_config():
+    import ml_collections
+
+    section = ml_collections.ConfigDict({"fn": "dig", "alpha": 0.1, "lambda1": 0.5, "lambda2": 0.5,
+                                         "iou_threshold": 0.5})
+    batch = {"gt_boxes": np.array([[[0, 0, 100, 100]]], np.float32), "gt_mask": np.array([[True]]),
+             "original_hw": np.array([SQUARE]), "resized_hw": np.array([SQUARE])}
+    texts = [f"ok\n</think>\n\n{_answer([0, 0, 100, 100])}", _answer([0, 0, 100, 100])]
+    thinking = R.reward_fn_from_config(section, "qwen3_vl", "thinking")(texts, batch, 2)["reward"]
+    np.testing.assert_allclose(thinking, [1.0, 0.0])  # the second never closed the block
+    instruct = R.reward_fn_from_config(section, "qwen3_vl")(texts, batch, 2)["reward"]
+    np.testing.assert_allclose(instruct, [1.0, 1.0])
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    ({"chat_template": "reasoning"}, "RewardConfig.chat_template"),
+    ({"chat_template": "thinking", "family": "qwen2_5_vl"}, "family 'qwen2_5_vl' has none"),
+])
+def test_thinking_config_errors(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        R.RewardConfig(**kwargs)
