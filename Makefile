@@ -20,7 +20,8 @@ $(STAMP): pyproject.toml
 	$(VPY) -m pip install -q --upgrade pip
 	# torch first, pinned to the CPU build, so that transformers does not pull a CUDA build.
 	$(VPY) -m pip install -q "torch==2.13.0"
-	$(VPY) -m pip install -q -e ".[test]"
+	# the tpu extra: libtpu, which the AOT plan tests (tests/aot) compile TPU programs with, on this CPU.
+	$(VPY) -m pip install -q -e ".[test,tpu]"
 	@rm -f $(VENV)/.stamp-*; touch $@
 
 venv: $(STAMP)
@@ -41,6 +42,7 @@ bench: venv
 	$(VPY) benchmarks/model_vs_hf.py
 	$(VPY) benchmarks/train_step.py
 	$(VPY) benchmarks/demo_learnability.py
+	$(VPY) benchmarks/aot_plan.py
 
 clean:
 	rm -rf $(VENV) demo_out .pytest_cache

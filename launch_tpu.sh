@@ -1,19 +1,26 @@
 #!/usr/bin/env bash
 # Create, set up, run on all workers, tail logs, and delete a TPU VM slice for DiG-JAX.
 #
+#   ./launch_tpu.sh plan    NAME CONFIG [FLAGS...]         # here, before create: does the run fit ACCELERATOR?
 #   ./launch_tpu.sh create  NAME [ACCELERATOR] [ZONE]      # default v5p-32 in us-east5-a
 #   ./launch_tpu.sh setup   NAME                           # copy this checkout, install jax[tpu] + package
 #   ./launch_tpu.sh run     NAME CONFIG WORKDIR [FLAGS...] # same command on every worker (jax.distributed)
 #   ./launch_tpu.sh logs    NAME                           # tail worker 0's log
 #   ./launch_tpu.sh delete  NAME
-#   ./launch_tpu.sh all     NAME CONFIG WORKDIR [FLAGS...] # create + setup + run + logs (delete stays manual)
+#   ./launch_tpu.sh all     NAME CONFIG WORKDIR [FLAGS...] # plan + create + setup + run + logs (delete stays manual)
+#
+# `plan` runs on this machine (no TPU, no gcloud): `python -m dig_jax.main --mode=aot` compiles every program
+# the run keeps resident for ACCELERATOR with libtpu on the CPU (this checkout's .venv with the tpu extra:
+# `make venv`), prints the per-chip memory table and writes it to PLAN_DIR; it exits 3 when the run does
+# not fit, which stops `all` before anything is created.
 #
 # WORKDIR should be a gs:// path (orbax writes checkpoints there from every host); the data shards and the
 # HF checkpoint are read from paths given in the config (local on each worker, or gs://).
-# Environment: PROJECT (gcloud project), ZONE, ACCELERATOR, RUNTIME (TPU software version).
+# Environment: PROJECT (gcloud project), ZONE, ACCELERATOR, RUNTIME (TPU software version), PLAN_DIR (default
+# /tmp/dig_jax_plan_NAME), PLAN=0 (`all` without the plan).
 set -euo pipefail
 
-cmd=${1:?usage: $0 create|setup|run|logs|delete|all NAME ...}
+cmd=${1:?usage: $0 plan|create|setup|run|logs|delete|all NAME ...}
 name=${2:?give the TPU VM name}
 shift 2 || true
 ZONE=${ZONE:-us-east5-a}
@@ -22,9 +29,17 @@ RUNTIME=${RUNTIME:-v2-alpha-tpuv5}
 PROJECT_FLAG=${PROJECT:+--project=$PROJECT}
 REMOTE_DIR=dig-jax
 LOG=/tmp/dig_jax_run.log
+PLAN_DIR=${PLAN_DIR:-/tmp/dig_jax_plan_$name}
 
 gc() { gcloud compute tpus tpu-vm "$@" --zone="$ZONE" $PROJECT_FLAG; }
 on_all() { gc ssh "$name" --worker=all --command="$1"; }
+
+plan() {
+  local config=${1:?give a config, e.g. configs/dig_qwen3vl.py:4b}
+  shift
+  (cd "$(dirname "$0")" && .venv/bin/python -m dig_jax.main --mode=aot --config="$config" \
+      --topology="$ACCELERATOR" --workdir="$PLAN_DIR" "$@")
+}
 
 create() {
   local acc=${1:-$ACCELERATOR}
@@ -55,11 +70,12 @@ logs() { gc ssh "$name" --worker=0 --command="tail -n 200 -f $LOG"; }
 delete() { gc delete "$name" --quiet; }
 
 case "$cmd" in
+  plan) plan "$@" ;;
   create) create "$@" ;;
   setup) setup ;;
   run) run "$@" ;;
   logs) logs ;;
   delete) delete ;;
-  all) create; setup; run "$@"; logs ;;
+  all) if [ "${PLAN:-1}" != 0 ]; then plan "${1:?give a config}" "${@:3}"; fi; create; setup; run "$@"; logs ;;
   *) echo "unknown command $cmd" >&2; exit 2 ;;
 esac

@@ -3,7 +3,8 @@
   * dig_jax.models and dig_jax.processing import nothing of dig_jax.generate / rl / training / eval;
   * dig_jax.generate imports, of the project, only itself, models, processing, sharding and multihost;
   * dig_jax.eval does not import dig_jax.training;
-  * nothing under dig_jax/ or data_pipeline/ imports configs/ (configs import the code, never the reverse).
+  * nothing under dig_jax/ or data_pipeline/ imports configs/ (configs import the code, never the reverse);
+  * only dig_jax.main imports dig_jax.aot (the plans sit on top of everything and nothing depends on them).
 
 Every violation is collected and printed together, as `file:line: importer -> imported (rule)`.
 """
@@ -65,6 +66,8 @@ def _rules(importer: str, target: str) -> list[str]:
         broken.append("eval does not import training")
     if _within(target, ("configs",)):
         broken.append("nothing under dig_jax/ or data_pipeline/ imports configs/")
+    if _within(target, ("dig_jax.aot",)) and not _within(importer, ("dig_jax.aot", "dig_jax.main")):
+        broken.append("only dig_jax.main imports dig_jax.aot")
     return broken
 
 
@@ -109,6 +112,9 @@ def test_the_checker_sees_a_violation():
     assert not _rules("dig_jax.generate.batch", "dig_jax.sharding")
     assert not _rules("dig_jax.processing.template", "dig_jax.models.config")
     assert not _rules("dig_jax.eval.run", "dig_jax.assemble")
+    assert _rules("dig_jax.training.train", "dig_jax.aot.plan")
+    assert not _rules("dig_jax.main", "dig_jax.aot.plan")
+    assert not _rules("dig_jax.aot.programs", "dig_jax.training.state")
     tree = ast.parse("from . import sampler\nfrom ..rl import grpo\n")
     got = [t for node in tree.body for t in _imported(node, "dig_jax.generate.batch", False)]
     assert "dig_jax.generate.sampler" in got and "dig_jax.rl.grpo" in got

@@ -136,3 +136,28 @@ def test_demo_learnability_trains_and_scores_every_checkpoint(tmp_path):
     assert 20 < rows[0]["box_side_px"] < 80  # a close-up: objects tens of pixels across at 128 px
     assert all(0.0 <= r["f1_one_difference"] <= 1.0 for r in rows)
     assert "| 12:0.12:2:2 |" in result.stdout
+
+
+def test_aot_plan_matrix_and_unknown_variants(capsys):
+    import aot_plan
+
+    default = aot_plan.jobs("", "")
+    assert len(default) == 4 * 3 + 1 and ("4b@1024", "v5p-32") in default
+    assert aot_plan.jobs("8b", "v5e-64,v6e-32") == [("8b", "v5e-64"), ("8b", "v6e-32")]
+    assert aot_plan.main(["--models=no_such_variant", "--topologies=v5e-4"]) == []  # skipped, nothing compiled
+    assert "skipping no_such_variant: configs/dig_qwen3vl.py: unknown variant" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_aot_plan_smoke_plans_the_demo_on_v5e_4(capsys):
+    pytest.importorskip("libtpu", reason="libtpu is not installed: `pip install -e '.[tpu]'` compiles for TPU "
+                                         "topologies on this CPU")
+    import aot_plan
+
+    (row,) = aot_plan.main(["--config=configs/demo_cpu.py", "--models=demo@128", "--topologies=v5e-4",
+                            "--programs=eval_generation"])
+    assert (row["model"], row["topology"], row["verdict"], row["worst"]) == ("demo@128", "v5e-4", "FITS",
+                                                                           "eval_generation")
+    _finite_positive(row, ["live_GiB", "hbm_GiB", "token_GFLOPs", "decode_step_ms", "eval_coll_GiB"])
+    assert row["live_GiB"] < row["hbm_GiB"] == 15.75
+    assert "| demo@128 | v5e-4 | FITS |" in capsys.readouterr().out
