@@ -35,6 +35,10 @@ def _model(c):
     # temporaries per chip with "none", 6.2 with "dots", 3.3 with "full"), and on the tiny CPU model
     # it cost no measurable step time.
     c.model.remat = "full"
+    # Attention kernel of both towers for whole sequences (training, scoring): "auto" = Pallas splash on
+    # TPU, cuDNN on GPU, dense XLA on CPU (by the platform the step compiles for); or force "dense" |
+    # "splash" | "cudnn". Splash never writes the float32 score matrix to HBM (dig_jax.models.attention).
+    c.model.attention = "auto"
     # Random init only, Qwen3-VL only: "normal" = HF's N(0, 0.02) for the ViT's learned position table;
     # "sincos" = a 2-D sinusoidal start (a from-scratch model then sees absolute positions at once; see
     # dig_jax.models.vision.sincos_position_table). Ignored when loading init_checkpoint.

@@ -151,7 +151,8 @@ def model_constructor(c: ml_collections.ConfigDict, cfg: model_config.ModelConfi
 
     def construct() -> QwenVL:
         model = QwenVL(cfg, rngs=nnx.Rngs(seed), dtype=dtype, param_dtype=param_dtype,
-                       vision_attention_block=patches_per_image, remat=c.model.remat)
+                       vision_attention_block=patches_per_image, remat=c.model.remat,
+                       attention=c.model.attention)
         if sincos_positions:  # Qwen3-VL's learned ViT position table (config validation checks the family)
             table = sincos_position_table(cfg.vision.num_position_embeddings, cfg.vision.hidden_size)
             model.visual.pos_embed.weight.set_value(jnp.asarray(table, param_dtype))

@@ -12,6 +12,7 @@ import ml_collections
 from dig_jax import sharding
 from dig_jax.rl.curriculum import Curriculum
 from dig_jax.models import config as model_config
+from dig_jax.models.attention import ATTENTION_IMPLEMENTATIONS
 from dig_jax.models.layers import REMAT_POLICIES
 from dig_jax.processing.template import CHAT_TEMPLATE_STYLES
 
@@ -88,6 +89,8 @@ def _check_model(c) -> None:
                                        "(random init is for the tiny presets only)")
     if _value(c, "model.remat") not in REMAT_POLICIES:
         _fail("model.remat", f"{c.model.remat!r} is not one of {REMAT_POLICIES}")
+    if _value(c, "model.attention") not in ATTENTION_IMPLEMENTATIONS:
+        _fail("model.attention", f"{c.model.attention!r} is not one of {ATTENTION_IMPLEMENTATIONS}")
     if c.model.vision_position_init not in ("normal", "sincos"):
         _fail("model.vision_position_init", f"{c.model.vision_position_init!r} is not 'normal' or 'sincos'")
     if c.model.vision_position_init == "sincos" and not c.model.preset.startswith("qwen3_vl"):

@@ -191,6 +191,13 @@ def activate(mesh: Mesh, rules: Rules = DEFAULT_RULES):
         _ACTIVE.reset(token)
 
 
+def active() -> tuple[Mesh | None, Rules]:
+    """The mesh and rules of the enclosing `activate` (None and the default rules outside one): what
+    kernels that run per shard (`dig_jax.models.attention`) partition over while a step is traced."""
+    ctx = _ACTIVE.get()
+    return (None, DEFAULT_RULES) if ctx is None else (ctx.mesh, ctx.rules)
+
+
 def constrain(x: jax.Array, logical_axes: Sequence[str | None]) -> jax.Array:
     """`with_sharding_constraint` by logical axis names; a no-op outside `activate` (single device)."""
     ctx = _ACTIVE.get()

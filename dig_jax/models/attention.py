@@ -66,7 +66,7 @@ _BLOCK_PAD_SEGMENT = -1
 
 def attend(q: jax.Array, k: jax.Array, v: jax.Array, *, q_segment_ids: jax.Array, kv_segment_ids: jax.Array,
            causal: bool, implementation: str, mesh: Mesh | None = None, rules: Rules = DEFAULT_RULES,
-           logits_in_float32: bool = True, interpret: bool = False) -> jax.Array:
+           logits_in_float32: bool = True, interpret: bool | None = None) -> jax.Array:
     """Segment-restricted (optionally causal) GQA attention; float[B, L, N, H] (see the module docstring).
 
     q float[B, L, N, H]; k, v float[B, S, K, H]; q_segment_ids int[B, L]; kv_segment_ids int[B, S].
@@ -77,10 +77,15 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, *, q_segment_ids: jax.Array
         devices count as TPU).
     logits_in_float32: dense only. True: q.k accumulated in float32 (the decoder). False: q.k in the
         compute dtype, then cast to float32 (the vision tower, as HF's eager ViT). Identical in float32.
-    interpret: splash only; run the Pallas kernel in the interpreter (CPU tests).
+    interpret: splash only; run the Pallas kernel in the interpreter. None: exactly when the platform is
+        the CPU (so a model with `model.attention="splash"` runs the real kernel logic in CPU tests,
+        slowly; on a GPU splash is refused).
     """
     _check_inputs(q, k, v, q_segment_ids, kv_segment_ids)
-    name = resolve_implementation(implementation, _platform(mesh))
+    platform = _platform(mesh)
+    name = resolve_implementation(implementation, platform)
+    if interpret is None:
+        interpret = platform == "cpu"
     if name == "dense":
         return dense_attention(q, k, v, q_segment_ids=q_segment_ids, kv_segment_ids=kv_segment_ids,
                                causal=causal, logits_in_float32=logits_in_float32)
@@ -88,6 +93,12 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, *, q_segment_ids: jax.Array
         return splash_attention(q, k, v, q_segment_ids=q_segment_ids, kv_segment_ids=kv_segment_ids,
                                 causal=causal, mesh=mesh, rules=rules, interpret=interpret)
     return cudnn_attention(q, k, v, q_segment_ids=q_segment_ids, kv_segment_ids=kv_segment_ids, causal=causal)
+
+
+def kernel_for(implementation: str, mesh: Mesh | None) -> str:
+    """The concrete kernel `attend` runs for `implementation` on `mesh` (None: JAX's default backend).
+    The towers ask first so that "dense" keeps their own exact code path (left-pad rows included)."""
+    return resolve_implementation(implementation, _platform(mesh))
 
 
 def resolve_implementation(implementation: str, platform: str) -> str:
@@ -226,7 +237,14 @@ def _splash_local(q, k, v, q_segment_ids, kv_segment_ids, *, causal: bool, inter
 def _splash_kernel(heads: int, kv_heads: int, q_len: int, kv_len: int, causal: bool, interpret: bool):
     """The splash kernel for one (padded) shape; cached because building its block masks is host work
     repeated for every layer otherwise. The static mask is causal (top-left aligned) or full; segment
-    ids are applied on top of it inside the kernel."""
+    ids are applied on top of it inside the kernel. Built under `ensure_compile_time_eval`: the first
+    call may come from inside a trace (a scanned layer), and the cached kernel's mask arrays must be
+    concrete, not that trace's tracers."""
+    with jax.ensure_compile_time_eval():
+        return _build_splash_kernel(heads, kv_heads, q_len, kv_len, causal, interpret)
+
+
+def _build_splash_kernel(heads: int, kv_heads: int, q_len: int, kv_len: int, causal: bool, interpret: bool):
     shape = (q_len, kv_len)
     head_mask = splash.CausalMask(shape) if causal else splash.FullMask(shape)
     mask = splash.MultiHeadMask([head_mask] * heads)

@@ -30,10 +30,11 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from dig_jax.models.attention import attend, kernel_for
 from dig_jax.models.config import TextConfig
 from dig_jax.models.layers import (Dense, DType, HFParam, RMSNorm, SwiGLU, apply_rotary, check_remat, hf_param,
                                    hf_stacked_param, param, scan_layers, stack_layers)
-from dig_jax.sharding import constrain
+from dig_jax.sharding import active as active_sharding, constrain
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -115,10 +116,11 @@ class Embedding(nnx.Module):
 class Attention(nnx.Module):
     """Grouped-query self-attention with M-RoPE over a key/value buffer (see the module docstring)."""
 
-    def __init__(self, cfg: TextConfig, *, rngs: nnx.Rngs, dtype: DType, param_dtype: DType):
+    def __init__(self, cfg: TextConfig, *, rngs: nnx.Rngs, dtype: DType, param_dtype: DType,
+                 attention: str = "dense"):
         d, n, k, h = cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
         self.num_heads, self.num_kv_heads, self.head_dim = n, k, h
-        self.dtype = dtype
+        self.dtype, self.attention = dtype, attention
         kw = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
         self.q_proj = Dense(d, n * h, use_bias=cfg.attention_bias, logical_axes=("embed", "heads"), **kw)
         self.k_proj = Dense(d, k * h, use_bias=cfg.attention_bias, logical_axes=("embed", "kv_heads"), **kw)
@@ -149,6 +151,11 @@ class Attention(nnx.Module):
         k = apply_rotary(k, cos[:, :, None, :], sin[:, :, None, :])
 
         if kv is None:
+            mesh, rules = active_sharding()
+            if kernel_for(self.attention, mesh) != "dense":  # a whole sequence: the memory-lean kernel
+                out = attend(q, k, v, q_segment_ids=key_valid, kv_segment_ids=key_valid, causal=True,
+                             implementation=self.attention, mesh=mesh, rules=rules)  # float[B, L, N, H]
+                return self.o_proj(out.reshape(b, l, self.num_heads * self.head_dim)), None
             keys, values, new_kv = k, v, None
         else:
             new_kv = tuple(jax.lax.dynamic_update_slice(buf, new[None].astype(buf.dtype), (layer, 0, cache_index, 0, 0))
@@ -176,9 +183,10 @@ class Attention(nnx.Module):
 class DecoderLayer(nnx.Module):
     """Pre-norm block: h = x + attn(norm(x)); out = h + mlp(norm(h))."""
 
-    def __init__(self, cfg: TextConfig, *, rngs: nnx.Rngs, dtype: DType, param_dtype: DType):
+    def __init__(self, cfg: TextConfig, *, rngs: nnx.Rngs, dtype: DType, param_dtype: DType,
+                 attention: str = "dense"):
         self.input_layernorm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, rngs=rngs, param_dtype=param_dtype)
-        self.self_attn = Attention(cfg, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
+        self.self_attn = Attention(cfg, rngs=rngs, dtype=dtype, param_dtype=param_dtype, attention=attention)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, rngs=rngs,
                                                 param_dtype=param_dtype)
         self.mlp = SwiGLU(cfg.hidden_size, cfg.intermediate_size, use_bias=False, rngs=rngs, dtype=dtype,
@@ -196,17 +204,21 @@ class TextDecoder(nnx.Module):
     Attribute names follow HF (`embed_tokens`, `layers.self_attn.q_proj` with layer i at index i of the
     leading axis, `norm`, `lm_head`) so the checkpoint mapping in `dig_jax.models.hf_io` reads as a rename.
     `remat` ("none" | "full" | "dots") rematerialises each scanned layer (see `dig_jax.models.layers`).
+    `attention` (`dig_jax.models.attention.ATTENTION_IMPLEMENTATIONS`) picks the kernel for whole-sequence
+    calls (training, scoring); calls with a KV cache (prefill, decode steps) stay dense over the cache.
     """
 
     def __init__(self, cfg: TextConfig, *, tie_word_embeddings: bool, rngs: nnx.Rngs,
-                 dtype: DType = jnp.float32, param_dtype: DType = jnp.float32, remat: str = "none"):
+                 dtype: DType = jnp.float32, param_dtype: DType = jnp.float32, remat: str = "none",
+                 attention: str = "dense"):
         check_remat(remat)
         self.cfg = cfg
         self.dtype = dtype
         self.remat = remat
         kw = dict(dtype=dtype, param_dtype=param_dtype)
         self.embed_tokens = Embedding(cfg.vocab_size, cfg.hidden_size, rngs=rngs, **kw)
-        self.layers = stack_layers(lambda r: DecoderLayer(cfg, rngs=r, **kw), cfg.num_hidden_layers, rngs)
+        self.layers = stack_layers(lambda r: DecoderLayer(cfg, rngs=r, attention=attention, **kw),
+                                   cfg.num_hidden_layers, rngs)
         self.norm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, rngs=rngs, param_dtype=param_dtype)
         self.lm_head = (None if tie_word_embeddings else
                         Dense(cfg.hidden_size, cfg.vocab_size, use_bias=False, logical_axes=("embed", "vocab"),

@@ -36,11 +36,12 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from dig_jax.models.attention import attend, kernel_for
 from dig_jax.models.config import FAMILIES, VisionConfig
 from dig_jax.models.layers import (Dense, HFParam, LayerNorm, RMSNorm, SwiGLU, apply_rotary, check_remat, hf_param,
                                    hf_stacked_param, param, scan_layers, stack_layers)
 from dig_jax.models.vision_inputs import VisionInputs
-from dig_jax.sharding import constrain
+from dig_jax.sharding import active as active_sharding, constrain
 
 QWEN25, QWEN3 = "qwen2_5_vl", "qwen3_vl"
 
@@ -135,10 +136,10 @@ class VisionAttention(nnx.Module):
     """
 
     def __init__(self, cfg: VisionConfig, *, rngs: nnx.Rngs, dtype, param_dtype, query_chunk: int | None = None,
-                 attention_block: int | None = None):
+                 attention_block: int | None = None, attention: str = "dense"):
         d = cfg.hidden_size
         self.num_heads, self.head_dim, self.dtype, self.query_chunk = cfg.num_heads, cfg.head_dim, dtype, query_chunk
-        self.attention_block = attention_block
+        self.attention_block, self.attention = attention_block, attention
         self.qkv = Dense(d, 3 * d, use_bias=True, logical_axes=("embed", "heads"), rngs=rngs, dtype=dtype,
                          param_dtype=param_dtype)
         self.proj = Dense(d, d, use_bias=True, logical_axes=("heads", "embed"), rngs=rngs, dtype=dtype,
@@ -152,9 +153,32 @@ class VisionAttention(nnx.Module):
         cos, sin = cos[:, None, :], sin[:, None, :]
         q = apply_rotary(q.astype(jnp.float32), cos, sin).astype(self.dtype)
         k = apply_rotary(k.astype(jnp.float32), cos, sin).astype(self.dtype)
-        out = segment_attention(q, k, v, segment_ids, query_chunk=self.query_chunk,
-                                attention_block=self.attention_block)  # float[N, A, H]
+        mesh, rules = active_sharding()
+        if kernel_for(self.attention, mesh) == "dense":
+            out = segment_attention(q, k, v, segment_ids, query_chunk=self.query_chunk,
+                                    attention_block=self.attention_block)  # float[N, A, H]
+        else:
+            out = kernel_segment_attention(q, k, v, segment_ids, self.attention_block, self.attention, mesh, rules)
         return self.proj(out.reshape(n, self.num_heads * self.head_dim))
+
+
+def kernel_segment_attention(q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.Array,
+                             attention_block: int | None, implementation: str, mesh, rules) -> jax.Array:
+    """`segment_attention` through a kernel of `dig_jax.models.attention` (splash on TPU, cuDNN on GPU).
+
+    With `attention_block` the images are the kernel's batch (float[N/blk, blk, A, H], sharded by image
+    like the rest of the tower), so no block pairs two images; otherwise all N patches are one sequence
+    whose segments keep the images and windows apart.
+    """
+    n, a, h = q.shape
+    blk = attention_block if attention_block is not None and attention_block < n else n
+    if n % blk:
+        raise ValueError(f"VisionTower attention_block={attention_block} must divide the padded patch count {n}")
+    qb, kb, vb = (constrain(x.reshape(n // blk, blk, a, h), ("batch", "patches", "heads", None)) for x in (q, k, v))
+    seg = segment_ids.reshape(n // blk, blk)  # int[N/blk, blk]
+    out = attend(qb, kb, vb, q_segment_ids=seg, kv_segment_ids=seg, causal=False, implementation=implementation,
+                 mesh=mesh, rules=rules, logits_in_float32=False)  # float[N/blk, blk, A, H]
+    return out.reshape(n, a, h)
 
 
 def segment_attention(q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.Array,
@@ -220,11 +244,11 @@ class VisionBlock(nnx.Module):
     """Pre-norm ViT block: x += attn(norm1(x)); x += mlp(norm2(x))."""
 
     def __init__(self, cfg: VisionConfig, family: str, *, rngs: nnx.Rngs, dtype, param_dtype,
-                 query_chunk: int | None = None, attention_block: int | None = None):
+                 query_chunk: int | None = None, attention_block: int | None = None, attention: str = "dense"):
         self.norm1 = _norm(cfg, family, cfg.hidden_size, rngs, param_dtype)
         self.norm2 = _norm(cfg, family, cfg.hidden_size, rngs, param_dtype)
         self.attn = VisionAttention(cfg, rngs=rngs, dtype=dtype, param_dtype=param_dtype, query_chunk=query_chunk,
-                                    attention_block=attention_block)
+                                    attention_block=attention_block, attention=attention)
         if family == QWEN25:
             self.mlp = SwiGLU(cfg.hidden_size, cfg.intermediate_size, use_bias=True, rngs=rngs, dtype=dtype,
                               param_dtype=param_dtype)
@@ -281,12 +305,13 @@ class VisionTower(nnx.Module):
     `query_chunk` (None = dense) bounds attention memory to float32[A, query_chunk, N] per block; it must
     divide the padded patch count (see `segment_attention`). `attention_block`: per-image attention and
     image-sharded activations (module docstring). `remat` ("none" | "full" | "dots") rematerialises each
-    scanned block (see `dig_jax.models.layers`).
+    scanned block (see `dig_jax.models.layers`). `attention` picks the kernel
+    (`dig_jax.models.attention.ATTENTION_IMPLEMENTATIONS`; "dense" is `segment_attention`).
     """
 
     def __init__(self, cfg: VisionConfig, family: str, *, rngs: nnx.Rngs, dtype=jnp.float32,
                  param_dtype=jnp.float32, query_chunk: int | None = None, attention_block: int | None = None,
-                 remat: str = "none"):
+                 remat: str = "none", attention: str = "dense"):
         _check_family(family)
         check_remat(remat)
         self.cfg, self.family, self.dtype = cfg, family, dtype
@@ -296,8 +321,9 @@ class VisionTower(nnx.Module):
         if family == QWEN3:
             self.pos_embed = LearnedPositions(cfg, rngs=rngs, param_dtype=param_dtype)
         self.blocks = stack_layers(lambda r: VisionBlock(cfg, family, query_chunk=query_chunk,
-                                                         attention_block=attention_block, rngs=r, dtype=dtype,
-                                                         param_dtype=param_dtype), cfg.depth, rngs)
+                                                         attention_block=attention_block, attention=attention,
+                                                         rngs=r, dtype=dtype, param_dtype=param_dtype),
+                                   cfg.depth, rngs)
         if family == QWEN25:
             self.merger = Qwen25PatchMerger(cfg, **kw)
         else:

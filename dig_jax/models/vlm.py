@@ -13,10 +13,11 @@ Host side (numpy, outside jit; depends on image sizes):
 
 Device side (jit-friendly, static shapes):
   model = QwenVL(cfg, rngs=nnx.Rngs(0), dtype=jnp.float32, param_dtype=jnp.float32,
-                 vision_attention_block=None, remat="none")
+                 vision_attention_block=None, remat="none", attention="dense")
       Decoder layers and ViT blocks are stacked modules (`language_model.layers`, `visual.blocks`:
       parameters with a leading layer axis) run by `lax.scan`; `remat` ("none" | "full" | "dots")
-      rematerialises each scanned layer in the backward pass (see `dig_jax.models.layers`).
+      rematerialises each scanned layer in the backward pass (see `dig_jax.models.layers`); `attention`
+      picks the kernel for whole sequences (dense | splash | cudnn | auto, `dig_jax.models.attention`).
   model.forward(input_ids int32[B, L], attention_mask int32[B, L], position_ids int32[3, B, L],
                 pixel_values float[N, patch_dim] | None, vision: VisionInputs | None,
                 cache: KVCache | None = None, cache_index: int32 scalar | None = None,
@@ -169,18 +170,22 @@ class QwenVL(nnx.Module):
     """Qwen2.5-VL or Qwen3-VL (chosen by `cfg.family`); see the module docstring for the interface."""
 
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, dtype: DType = jnp.float32,
-                 param_dtype: DType = jnp.float32, vision_attention_block: int | None = None, remat: str = "none"):
+                 param_dtype: DType = jnp.float32, vision_attention_block: int | None = None, remat: str = "none",
+                 attention: str = "dense"):
         """`vision_attention_block`: when every image fed to the model has that many patches (a dataset of
         one image size), the ViT attends inside per-image blocks instead of one masked [N, N] matrix;
         same result, linear instead of quadratic in the number of images (see vision.segment_attention),
         and its activations are sharded by image over the batch mesh axes.
-        `remat`: the rematerialisation policy of every scanned decoder layer and ViT block."""
+        `remat`: the rematerialisation policy of every scanned decoder layer and ViT block.
+        `attention`: the attention kernel of both towers (`dig_jax.models.attention`; the config's
+        `model.attention`): "dense", "splash" (TPU), "cudnn" (GPU) or "auto" (by the platform the step
+        is compiled for, read from the active mesh)."""
         self.cfg = cfg
         self.dtype = dtype
         self.visual = VisionTower(cfg.vision, cfg.family, rngs=rngs, dtype=dtype, param_dtype=param_dtype,
-                                  attention_block=vision_attention_block, remat=remat)
+                                  attention_block=vision_attention_block, remat=remat, attention=attention)
         self.language_model = TextDecoder(cfg.text, tie_word_embeddings=cfg.tie_word_embeddings, rngs=rngs,
-                                          dtype=dtype, param_dtype=param_dtype, remat=remat)
+                                          dtype=dtype, param_dtype=param_dtype, remat=remat, attention=attention)
 
     # -------------------------------------------------------------------------------------------
     def encode_images(self, pixel_values: jax.Array, vision: VisionInputs

@@ -46,6 +46,8 @@ BROKEN = [
     ("model.dtype", "float16", "config.model.dtype"),
     ("model.param_dtype", "fp32", "config.model.param_dtype"),
     ("model.vision_position_init", "uniform", "config.model.vision_position_init"),
+    ("model.attention", "flash", "config.model.attention"),
+    ("grpo.reference_dtype", "float16", "config.grpo.reference_dtype"),
     ("model.preset", "qwen3_vl_8b", "config.model.init_checkpoint"),  # full size needs weights
     ("grpo.group_size", 1, "config.grpo.group_size"),
     ("grpo.num_minibatches", 3, "config.grpo.num_minibatches"),

@@ -193,11 +193,12 @@ def test_cudnn_refuses_float32():
 
 
 def test_splash_off_tpu_needs_the_interpreter():
+    """On the CPU `attend` interprets the kernel by default; asked not to, it refuses, naming the field."""
     c = _vision_case()
     segments = jnp.asarray(c["segments"])
     with pytest.raises(ValueError, match="model.attention='splash' runs a Pallas TPU kernel"):
         attend(*(jnp.asarray(c[x]) for x in "qkv"), q_segment_ids=segments, kv_segment_ids=segments, causal=False,
-               implementation="splash")
+               implementation="splash", interpret=False)
 
 
 @pytest.mark.parametrize("shapes, match", [

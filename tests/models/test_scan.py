@@ -164,3 +164,30 @@ def test_bad_remat_is_refused_by_model_and_config():
     c.model.remat = "most"
     with pytest.raises(ConfigError, match=r"^config\.model\.remat: 'most' is not one of"):
         validate(c, num_devices=1)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Attention kernels inside the model
+# ----------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("family", ["qwen2_5_vl", "qwen3_vl"])
+@pytest.mark.parametrize("attention_block", [64, None], ids=["per-image", "one-sequence"])
+def test_the_splash_kernel_gives_the_dense_models_logits_and_gradients(family, attention_block):
+    """`model.attention="splash"` (the Pallas kernel, interpreted on the CPU) in both towers: the same loss,
+    logits at every real position, and gradients as the dense path. Left-padding rows are don't-care."""
+    cfg = oracle.tiny_cfg(family, tie=False, small_vocab=True)
+    ids, mask, pos, pixels, vision = _loss_inputs(cfg)
+    results = {}
+    for attention in ("dense", "splash"):
+        model = QwenVL(cfg, rngs=nnx.Rngs(0), vision_attention_block=attention_block, attention=attention)
+        results[attention] = _value_and_grad(model, ids, mask, pos, pixels, vision)[0]
+    (loss, logits), grads = results["dense"]
+    (loss_s, logits_s), grads_s = results["splash"]
+    real = np.asarray(mask) > 0
+    np.testing.assert_allclose(loss_s, loss, rtol=1e-5)
+    np.testing.assert_allclose(np.asarray(logits_s)[real], np.asarray(logits)[real], rtol=1e-4, atol=1e-4)
+    want = dict(nnx.to_flat_state(grads))
+    for path, g in nnx.to_flat_state(grads_s):
+        w = np.asarray(want[path].get_value())
+        np.testing.assert_allclose(np.asarray(g.get_value()), w, rtol=1e-3, atol=1e-5 * np.abs(w).max(),
+                                   err_msg=str(path))
