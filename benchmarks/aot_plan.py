@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import math
 import os
 import sys
 import tempfile
@@ -36,7 +37,7 @@ EXTRA = (("4b@1024", "v5p-32"),)  # the high-resolution variant, on the slice th
 GIB = 1024 ** 3
 SHORT = {"sft_step": "sft", "grpo_generation": "gen", "reference_logprobs": "ref", "grpo_update": "update",
          "eval_generation": "eval"}
-COLUMNS = ["model", "topology", "verdict", "worst", "live_GiB", "hbm_GiB", "live_pct", "compile_s", "update_TFLOPs",
+COLUMNS = ["model", "topology", "mesh", "verdict", "worst", "live_GiB", "hbm_GiB", "live_pct", "compile_s", "update_TFLOPs",
            "token_GFLOPs", "update_roofline_s", "update_bound", "decode_step_ms", "decode_bound"] + \
           [f"{short}_coll_GiB" for short in SHORT.values()]
 
@@ -81,10 +82,24 @@ def load_config(path: str, spec: str):
     return c, int(side) if side else None
 
 
+def fit_mesh_to_slice(c, topology: str, num_slices: int) -> None:
+    """On a slice with more chips than rollout prompts (v5e-64: 64 chips, 32 prompts) the batch cannot
+    cover every chip, so tensor parallelism takes the rest: mesh.tensor = chips / gcd(chips, prompts),
+    FSDP over the remainder. The paper configs' own mesh (FSDP over every chip) is kept where it divides."""
+    from dig_jax.aot import topologies
+
+    chips = topologies.get(topology).chips * num_slices
+    tensor = chips // math.gcd(chips, int(c.grpo.prompts_per_batch))
+    if tensor > 1:
+        c.mesh.data, c.mesh.fsdp, c.mesh.tensor = 1, -1, tensor
+
+
 def row_of(model: str, topology: str, plan: dict) -> dict:
     """The table's row of one plan (see the module docstring for the columns)."""
     programs = {p["name"]: p for p in plan["programs"]}
-    row = {"model": model, "topology": topology, "verdict": plan["verdict"], "worst": plan["worst_program"],
+    mesh = "/".join(f"{axis}{size}" for axis, size in plan["mesh"].items() if size > 1)
+    row = {"model": model, "topology": topology, "mesh": mesh, "verdict": plan["verdict"],
+           "worst": plan["worst_program"],
            "live_GiB": None if plan["live_at_once"] is None else plan["live_at_once"] / GIB,
            "hbm_GiB": plan["hbm_per_chip"] / GIB, "live_pct": plan["peak_pct_of_hbm"],
            "compile_s": sum(p["compile_s"] for p in plan["programs"])}
@@ -121,6 +136,7 @@ def main(argv=None) -> list[dict]:
             c, side = load_config(a.config, model)
             if c is None:
                 continue
+            fit_mesh_to_slice(c, topology, a.num_slices)
             workdir = os.path.join(root, f"{model.replace('@', '_')}_{topology}")
             t0 = time.perf_counter()
             try:
