@@ -160,4 +160,4 @@ def test_aot_plan_smoke_plans_the_demo_on_v5e_4(capsys):
                                                                            "eval_generation")
     _finite_positive(row, ["live_GiB", "hbm_GiB", "token_GFLOPs", "decode_step_ms", "eval_coll_GiB"])
     assert row["live_GiB"] < row["hbm_GiB"] == 15.75
-    assert "| demo@128 | v5e-4 | FITS |" in capsys.readouterr().out
+    assert f"| demo@128 | v5e-4 | {row['mesh']} | FITS |" in capsys.readouterr().out

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 
+import jax
 import ml_collections
 
 from dig_jax import assemble, config_validation, sharding
@@ -128,7 +129,11 @@ def plan(c: ml_collections.ConfigDict, topology: str, workdir: str, *, num_slice
     if num_slices > 1:
         notes.append(f"{num_slices} slices: collectives between slices cross the data-centre network, which is "
                      "much slower than ICI; the rooflines count all collective bytes at ICI speed")
-    compiled, resident = programs.build_all(parts, only)
+    # The trainer never sets the global matmul precision, so a TPU run compiles at JAX's default; a
+    # caller's "high"/"highest" (the test suite's, for CPU parity) would make Mosaic refuse the splash
+    # kernels' bfloat16 backward matmuls, which the real run never meets.
+    with jax.default_matmul_precision("default"):
+        compiled, resident = programs.build_all(parts, only)
     out = report.build(topo, num_slices, parts, compiled, resident, hbm, hbm_source="compiler" if measured else "table",
                        notes=notes)
     report.write(out, workdir)
