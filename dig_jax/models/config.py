@@ -1,7 +1,7 @@
 """Model configurations and size presets for the Qwen2.5-VL and Qwen3-VL families.
 
 Plain frozen dataclasses (hashable, so they can be static arguments of `jax.jit`). Field names follow the
-Hugging Face config keys where one exists, so that `hf_io` can translate both ways without a lookup
+Hugging Face config keys where one exists, so that `hf_config` can translate both ways without a lookup
 table per field. The full-size presets mirror the released checkpoints' `config.json`; they are only ever
 built with `jax.eval_shape` on a CPU.
 """
