@@ -11,6 +11,7 @@ import dataclasses
 
 import numpy as np
 import torch
+from flax import nnx
 
 from dig_jax.models import config as C
 
@@ -108,3 +109,18 @@ def hf_logits(model, batch: Batch, image_token_id: int) -> np.ndarray:
                     pixel_values=torch.tensor(batch.pixel_values), image_grid_thw=torch.tensor(batch.grids),
                     mm_token_type_ids=(ids == image_token_id).int())
     return out.logits.float().numpy()
+
+
+# ----------------------------------------------------------------------------------------------------
+# Comparing our models' parameters
+# ----------------------------------------------------------------------------------------------------
+def params_of(model) -> dict:
+    """Every nnx.Param of `model` as numpy, by path."""
+    return {p: np.asarray(v.get_value()) for p, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}
+
+
+def assert_same_params(a, b):
+    pa, pb = params_of(a), params_of(b)
+    assert pa.keys() == pb.keys()
+    for k in pa:
+        np.testing.assert_array_equal(pa[k], pb[k], err_msg=str(k))

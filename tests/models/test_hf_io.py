@@ -19,17 +19,6 @@ _spec.loader.exec_module(oracle)
 GRIDS = [[(1, 8, 12)], [(1, 4, 8), (1, 8, 4)]]
 
 
-def params_of(model) -> dict:
-    return {p: np.asarray(v.get_value()) for p, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}
-
-
-def assert_same_params(a, b):
-    pa, pb = params_of(a), params_of(b)
-    assert pa.keys() == pb.keys()
-    for k in pa:
-        np.testing.assert_array_equal(pa[k], pb[k], err_msg=str(k))
-
-
 @pytest.fixture(scope="module")
 def hf_qwen3_dir(tmp_path_factory):
     """A tiny tied Qwen3-VL saved by HF (single file, in-memory key layout)."""
@@ -63,7 +52,7 @@ def test_export_reloads_in_hf_with_identical_logits(family, tie, tmp_path):
     # ... and our own loader reads the export back bit for bit, config included.
     again = hf_io.load_hf_checkpoint(str(tmp_path))
     assert again.cfg == cfg
-    assert_same_params(model, again)
+    oracle.assert_same_params(model, again)
 
 
 @pytest.mark.parametrize("tie", [True, False])
@@ -96,7 +85,7 @@ def test_either_key_layout_and_sharded_index_load_identically(hf_qwen3_dir, tmp_
     tensors = {hf_io.disk_name(k, "qwen2_5_vl"): np.asarray(v) for k, v in hf_io.open_safetensors(path).items()}
     assert "model.layers.0.self_attn.q_proj.weight" in tensors
     hf_io.write_safetensors(str(legacy / "model.safetensors"), tensors)
-    assert_same_params(reference, hf_io.load_hf_checkpoint(str(legacy), cfg))
+    oracle.assert_same_params(reference, hf_io.load_hf_checkpoint(str(legacy), cfg))
 
     # A sharded checkpoint with an index, written by transformers itself.
     hf = oracle.hf_model(cfg)
@@ -104,7 +93,7 @@ def test_either_key_layout_and_sharded_index_load_identically(hf_qwen3_dir, tmp_
     hf.save_pretrained(sharded, max_shard_size="300KB")
     assert (sharded / hf_io.SAFETENSORS_INDEX).exists()
     assert len({v for v in json.load(open(sharded / hf_io.SAFETENSORS_INDEX))["weight_map"].values()}) > 1
-    assert_same_params(reference, hf_io.load_hf_checkpoint(str(sharded)))
+    oracle.assert_same_params(reference, hf_io.load_hf_checkpoint(str(sharded)))
 
 
 def _rewrite(src: str, dst, edit) -> str:
@@ -139,4 +128,4 @@ def test_load_places_parameters_in_their_shardings(hf_qwen3_dir):
     kernel = model.language_model.layers.mlp.gate_proj.kernel.get_value()[0]  # layer 0: ("embed", "mlp")
     assert kernel.sharding.spec == jax.sharding.PartitionSpec("fsdp", "tensor")
     assert {s.data.shape for s in kernel.addressable_shards} == {(64 // 4, 128 // 2)}
-    assert_same_params(model, hf_io.load_hf_checkpoint(path))
+    oracle.assert_same_params(model, hf_io.load_hf_checkpoint(path))

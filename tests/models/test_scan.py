@@ -26,17 +26,6 @@ oracle = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(oracle)
 
 
-def params_of(model) -> dict:
-    return {p: np.asarray(v.get_value()) for p, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}
-
-
-def assert_same_params(a, b):
-    pa, pb = params_of(a), params_of(b)
-    assert pa.keys() == pb.keys()
-    for k in pa:
-        np.testing.assert_array_equal(pa[k], pb[k], err_msg=str(k))
-
-
 def tensors_of(path: str) -> dict[str, np.ndarray]:
     return {k: np.asarray(v) for k, v in hf_io.open_safetensors(path).items()}
 
@@ -73,7 +62,7 @@ def test_stacked_layout_round_trips_to_hf_tensors(family, tie, tmp_path):
     assert {k: (v.shape, v.dtype) for k, v in ours.items()} == {k: (v.shape, v.dtype) for k, v in theirs.items()}
     for name, tensor in theirs.items():
         np.testing.assert_array_equal(ours[name], tensor, err_msg=name)
-    assert_same_params(model, hf_io.load_hf_checkpoint(str(tmp_path / "ours")))
+    oracle.assert_same_params(model, hf_io.load_hf_checkpoint(str(tmp_path / "ours")))
 
 
 def test_layer_sharded_load_stacks_only_each_shards_layers(tmp_path):
@@ -88,7 +77,7 @@ def test_layer_sharded_load_stacks_only_each_shards_layers(tmp_path):
     assert {s.data.shape for s in kernel.addressable_shards} == {(1, 64 // 2, 128 // 2)}
     qkv = model.visual.blocks.attn.qkv.kernel.get_value()  # ("layers", "embed", "heads")
     assert {s.data.shape for s in qkv.addressable_shards} == {(1, 32 // 2, 96 // 2)}
-    assert_same_params(model, hf_io.load_hf_checkpoint(str(tmp_path)))
+    oracle.assert_same_params(model, hf_io.load_hf_checkpoint(str(tmp_path)))
 
 
 # ----------------------------------------------------------------------------------------------------
