@@ -31,6 +31,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from dig_jax import multihost, sharding
 from dig_jax.models.config import ModelConfig
+from dig_jax.models.vlm import PlacedImageFeatures
 
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
@@ -220,13 +221,14 @@ def _feature_index(ids: np.ndarray, grids: np.ndarray, first_image: np.ndarray, 
     return feature_index
 
 
-def image_features(model, batch: PromptBatch, input_ids: jax.Array):
-    """`image_features` for `model.forward` over input_ids int32[B, L] (the prompt, maybe + completion).
+def image_features(model, batch: PromptBatch, input_ids: jax.Array) -> PlacedImageFeatures | None:
+    """The image features of `model.forward` over input_ids int32[B, L] (the prompt, maybe + completion),
+    placed at their token slots: float[B, L, D] per level, sharded over the batch like the embeddings.
 
-    The vision tower runs once over the distinct images; the model scatters feature row r to the r-th
-    image-pad token of the batch (row-major), so we list, in that order, the tower row each token takes
-    (`feature_index`). Image-pad ids past the prompt (a policy can sample token 151655) are TEXT, as they
-    were when generated one by one: they take the token's own embedding and no DeepStack feature.
+    The vision tower runs once over the distinct images; `feature_index` names the tower row each
+    prompt image-pad token takes, so the G copies of a prompt share one encoding. Image-pad ids past the
+    prompt (a policy can sample token 151655) are TEXT, as they were when generated one by one: they take
+    the token's own embedding and no DeepStack feature (an extra table row, `text_row`).
     """
     if batch.pixel_values is None:
         return None
@@ -234,14 +236,19 @@ def image_features(model, batch: PromptBatch, input_ids: jax.Array):
     b, l = input_ids.shape
     lp = batch.input_ids.shape[1]
     text_row = embeds.shape[0]  # index of the extra row appended below
-    src = jnp.full((b, l), text_row, jnp.int32).at[:, :lp].set(jnp.reshape(batch.feature_index, (b, lp)))
-    is_img = (input_ids == model.cfg.image_token_id).reshape(-1)  # [B*L]
-    slot = jnp.where(is_img, jnp.cumsum(is_img) - 1, b * l)  # rank among image tokens; b*l = dropped
-    order = jnp.full((b * l,), text_row, jnp.int32).at[slot].set(src.reshape(-1), mode="drop")  # [B*L]
+    is_img = input_ids == model.cfg.image_token_id  # [B, L]
+    prompt_rows = jnp.reshape(batch.feature_index, (b, lp))
+    rows = jnp.full((b, l), text_row, jnp.int32).at[:, :lp].set(prompt_rows)
+    rows = jnp.where(is_img, rows, text_row)  # int32[B, L]: the table row of every slot
+    rows = sharding.constrain(rows, ("batch", "length"))
     as_text = model.language_model.embed(jnp.full((1, 1), model.cfg.image_token_id, jnp.int32))[0]  # [1, D]
-    main = jnp.take(jnp.concatenate([embeds, as_text.astype(embeds.dtype)]), order, axis=0)
-    levels = tuple(jnp.take(jnp.concatenate([f, jnp.zeros_like(f[:1])]), order, axis=0) for f in deepstack)
-    return main, levels
+
+    def place(table):  # float[M + 1, D] -> float[B, L, D]
+        return sharding.constrain(jnp.take(table, rows, axis=0), ("batch", "length", "embed"))
+
+    main = place(jnp.concatenate([embeds, as_text.astype(embeds.dtype)]))
+    levels = tuple(place(jnp.concatenate([f, jnp.zeros_like(f[:1])])) for f in deepstack)
+    return PlacedImageFeatures(main, levels)
 
 
 # ----------------------------------------------------------------------------------------------------

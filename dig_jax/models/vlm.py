@@ -29,7 +29,9 @@ Device side (jit-friendly, static shapes):
       is causal over cache slots, masked by the cache's valid-slot mask, which this call updates with
       `attention_mask`.
       `image_features=(embeds float[N//4, D], deepstack tuple)` (from `encode_images`) may replace
-      pixel_values/vision, e.g. to run the vision tower once per prompt and repeat the features.
+      pixel_values/vision, e.g. to run the vision tower once per prompt and repeat the features; or
+      `image_features=PlacedImageFeatures(...)`: features already gathered to their token slots,
+      float[B, L, D] like the embeddings and sharded the same way (generate.batch.image_features).
   model.encode_images(pixel_values, vision) -> (embeds float[N//4, D], deepstack tuple of float[N//4, D])
   model.decode(tokens int32[B, 1], position_ids int32[3, B, 1], cache, cache_index, attention_mask=None)
       -> (logits float32[B, 1, V], cache)       one generation step; attention_mask defaults to ones.
@@ -51,7 +53,7 @@ computes these on device with `generate.sampler.decode_positions`.
 from __future__ import annotations
 
 import functools
-from typing import Sequence
+from typing import NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -166,6 +168,17 @@ def scatter_to_positions(is_visual: jax.Array, features: jax.Array) -> jax.Array
     return jnp.where(is_visual[..., None], gathered, jnp.zeros((), features.dtype))
 
 
+class PlacedImageFeatures(NamedTuple):
+    """Image features already at their token slots, float[B, L, D] each, batch-sharded like the embeddings.
+
+    `embeds` replaces the token embedding at every image-pad slot; each DeepStack level is added after
+    its decoder layer and is zero off the image slots. Placing per slot keeps every tensor [B, ...], so
+    it shards over the batch axes; the row-major scatter of HF's masked_scatter ranks image tokens across
+    the whole batch, which a compiler can only do on one flat, unsharded [B * L, D] buffer per level."""
+    embeds: jax.Array
+    deepstack: tuple[jax.Array, ...]
+
+
 class QwenVL(nnx.Module):
     """Qwen2.5-VL or Qwen3-VL (chosen by `cfg.family`); see the module docstring for the interface."""
 
@@ -198,7 +211,7 @@ class QwenVL(nnx.Module):
                 pixel_values: jax.Array | None = None, vision: VisionInputs | None = None,
                 cache: KVCache | None = None, cache_index: jax.Array | int | None = None,
                 return_hidden: bool = False,
-                image_features: tuple[jax.Array, Sequence[jax.Array]] | None = None
+                image_features: tuple[jax.Array, Sequence[jax.Array]] | PlacedImageFeatures | None = None
                 ) -> tuple[jax.Array, KVCache | None]:
         """The jit-friendly core (see the module docstring)."""
         x = self.language_model.embed(input_ids)                                        # [B, L, D]
@@ -207,7 +220,11 @@ class QwenVL(nnx.Module):
             if vision is None:
                 raise ValueError("QwenVL.forward: pixel_values given without VisionInputs (see prepare_inputs)")
             image_features = self.encode_images(pixel_values, vision)
-        if image_features is not None:
+        if isinstance(image_features, PlacedImageFeatures):
+            is_image = input_ids == self.cfg.image_token_id                              # [B, L]
+            x = jnp.where(is_image[..., None], image_features.embeds.astype(x.dtype), x)
+            deepstack = tuple(f.astype(x.dtype) for f in image_features.deepstack)
+        elif image_features is not None:
             embeds, levels = image_features
             is_image = input_ids == self.cfg.image_token_id                              # [B, L]
             x = jnp.where(is_image[..., None], scatter_to_positions(is_image, embeds.astype(x.dtype)), x)

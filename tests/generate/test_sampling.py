@@ -379,3 +379,39 @@ def test_sampling_config_names_the_bad_field():
         S.SamplingConfig(4, top_p=0.0)
     with pytest.raises(ValueError, match="SamplingConfig.eos_token_ids"):
         S.SamplingConfig(4, eos_token_ids=151645)
+
+
+@pytest.mark.slow
+def test_sharded_scoring_places_image_features_per_row():
+    """On 8 devices (fsdp=4 x tensor=2) the scorer, whose image features reach the decoder gathered per
+    token slot and sharded over the batch (`PlacedImageFeatures`), equals the single-device scorer."""
+    from jax.sharding import NamedSharding, PartitionSpec as P
+
+    from dig_jax import sharding as shd
+
+    cfg = oracle.tiny_cfg("qwen3_vl", tie=False)  # DeepStack levels are placed too
+    raw = oracle.make_batch(cfg, GRIDS, seed=3)
+    batch = prompting.build_prompt_batch(cfg, raw.input_ids, raw.attention_mask, raw.grids, raw.pixel_values,
+                                         group_size=4, length_multiple=32)  # 8 rows: 2 per batch shard
+    comp = np.random.default_rng(0).integers(0, 1000, (8, 16)).astype(np.int32)
+    comp[1, 3] = cfg.image_token_id  # a sampled image-pad id stays text
+    mask = np.ones_like(comp)
+    model = QwenVL(cfg, rngs=nnx.Rngs(5))
+    want, _ = scoring.score_completions_jit(model, batch, comp, mask)
+
+    mesh = shd.make_mesh((1, 4, 2))
+    sharded_model = shd.create_sharded(lambda: QwenVL(cfg, rngs=nnx.Rngs(5)), mesh)
+    graphdef, state = nnx.split(sharded_model)
+    rows = shd.data_sharding(mesh, 2)
+    placed = dataclasses.replace(
+        batch, input_ids=jax.device_put(batch.input_ids, rows), attention_mask=jax.device_put(batch.attention_mask, rows),
+        position_ids=jax.device_put(batch.position_ids, NamedSharding(mesh, P(None, ("data", "fsdp")))),
+        rope_deltas=jax.device_put(batch.rope_deltas, rows), feature_index=jax.device_put(batch.feature_index, rows))
+
+    def score(state, batch, comp, mask):
+        return scoring.score_completions(nnx.merge(graphdef, state), batch, comp, mask)[0]
+
+    with shd.activate(mesh):
+        compiled = jax.jit(score).lower(state, placed, jax.device_put(comp, rows), jax.device_put(mask, rows)).compile()
+    got = compiled(state, placed, jax.device_put(comp, rows), jax.device_put(mask, rows))
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-5)
