@@ -129,6 +129,10 @@ def _grpo(c):
     # loss, GRPO update, reference log-probs): float32[rows, scoring_chunk, V] at once. Each position's
     # log-softmax is independent of the others, so this trades memory for loop steps only.
     c.grpo.scoring_chunk = 64
+    # The smallest response-length bucket. The reference scoring and the update run over the longest
+    # answer of the rollout rounded up to a bucket (powers of two from this one, then max_new_tokens),
+    # not over all max_new_tokens positions; each bucket compiles once. 0 = always max_new_tokens.
+    c.grpo.response_bucket = 64
 
 
 def _reward(c):

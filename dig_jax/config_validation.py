@@ -142,6 +142,10 @@ def _check_optimisation(c) -> None:
     chunk = _value(c, "grpo.scoring_chunk")
     if isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1:
         _fail("grpo.scoring_chunk", f"must be an int >= 1 (completion positions per logits chunk), got {chunk!r}")
+    bucket = _value(c, "grpo.response_bucket")
+    if isinstance(bucket, bool) or not isinstance(bucket, int) or bucket < 0:
+        _fail("grpo.response_bucket", f"must be an int >= 0 (the smallest response-length bucket; 0 = always "
+                                      f"grpo.max_new_tokens), got {bucket!r}")
     if not 0 <= c.reward.alpha <= 1:
         _fail("reward.alpha", f"must be in [0, 1], got {c.reward.alpha}")
     if not 0 < c.reward.iou_threshold <= 1:

@@ -132,6 +132,8 @@ def _demo_with_data():
     ("grpo.scale_by_std", 1),  # a bool, not a truthy number
     ("grpo.scale_by_std", "yes"),
     ("grpo.scoring_chunk", 0),
+    ("grpo.response_bucket", -1),
+    ("grpo.response_bucket", 64.0),
     ("eval.every", -1),
     ("eval.every", 2.5),
     ("eval.every", True),

@@ -5,8 +5,9 @@ Axis legend: P prompts, G group size, N = P * G samples (group members contiguou
 
 An iteration (`grpo_iteration`): sample G answers per prompt (`generate.sampler`), decode them and score
 them with the injected reward function (`rewards.REWARD_FNS`, `dig` by default), turn rewards into group
-advantages, score the samples under the frozen reference when the KL term is on, then take
-`num_minibatches` policy updates, each over whole groups. Choices, with the reason for each:
+advantages, cut the completions to the response-length bucket of the longest answer (`response_buckets`),
+score the samples under the frozen reference when the KL term is on, then take `num_minibatches` policy
+updates, each over whole groups. Choices, with the reason for each:
 - Advantages use the **sample** standard deviation (ddof=1), as verl / EasyR1 (`torch.std`, unbiased by
   default), TRL (`Tensor.std`) and Tunix (`std(ddof=1)`) do: A_i = (r_i - mean) / (std + eps). A group
   whose rewards are all equal gets A = 0 (no signal), not a division blow-up.
@@ -268,7 +269,37 @@ class IterationSetup:
     num_minibatches: int = 1
     prompt_bucket: int = 64
     scoring_chunk: int = 64
+    response_buckets: tuple[int, ...] = ()  # see `response_buckets`; () = always sampling.max_new_tokens
     transfer_guard: str = "allow"  # around the jitted calls: "disallow" makes implicit transfers errors
+
+
+def response_buckets(max_new_tokens: int, smallest: int) -> tuple[int, ...]:
+    """The completion lengths the reference scoring and the update compile for: powers of two from
+    `smallest` that are below the cap, then the cap (`smallest` = 0: the cap only, no bucketing).
+
+    An iteration scores its completions over the bucket of its longest answer, not over the whole cap:
+    positions past every answer's end are masked out of the loss and invisible to attention, so dropping
+    them changes no value, only the work (and each bucket compiles once)."""
+    if smallest <= 0 or smallest >= max_new_tokens:
+        return (max_new_tokens,)
+    return tuple(smallest * 2 ** i for i in range(math.ceil(math.log2(max_new_tokens / smallest)))) + (max_new_tokens,)
+
+
+def bucket_for(length: int, buckets: tuple[int, ...]) -> int:
+    """The smallest bucket that holds `length` positions (buckets ascending, the last one the cap)."""
+    return next((b for b in buckets if b >= length), buckets[-1])
+
+
+def truncated(ro: Rollout, t: int) -> Rollout:
+    """`ro` with completions, masks and sampling log-probs cut to their first `t` positions (all the
+    answers' tokens must lie in them)."""
+    if t >= ro.completions.tokens.shape[1]:
+        return ro
+    if int(ro.lengths.max()) > t:
+        raise ValueError(f"truncated: an answer has {int(ro.lengths.max())} tokens, more than the bucket's {t}")
+    cut = lambda x: x[:, :t]  # noqa: E731
+    return dataclasses.replace(ro, completions=Completions(cut(ro.completions.tokens), cut(ro.completions.mask)),
+                               old_logp=cut(ro.old_logp))
 
 
 def minibatches(ro: Rollout, ref_logp: Array | None, num_minibatches: int, group_size: int, mesh: Mesh | None):
@@ -294,6 +325,8 @@ def grpo_iteration(setup: IterationSetup, tx, params, opt_state, reference, batc
     ro = rollout(model, batch, cfg=setup.model_cfg, tokenizer=setup.tokenizer, sampling_config=setup.sampling,
                  group_size=setup.group_size, reward_fn=setup.reward_fn, rng=key, mesh=setup.mesh,
                  prompt_bucket=setup.prompt_bucket, loss_config=setup.loss, transfer_guard=setup.transfer_guard)
+    if setup.response_buckets:
+        ro = truncated(ro, bucket_for(int(ro.lengths.max()), setup.response_buckets))
     t0 = time.perf_counter()
     ref_logp = None
     if reference is not None:
@@ -323,6 +356,7 @@ def iteration_metrics(ro: Rollout, update_metrics: list[dict]) -> dict[str, floa
     metrics = {"reward/mean": float(s["reward"].mean()), "reward/std": float(s["reward"].std())}
     metrics.update({name: float(s[key].mean()) for key, name in _LOGGED_SCORES.items() if key in s})
     metrics["grpo/response_length"] = float(ro.lengths.mean())
+    metrics["grpo/scored_length"] = float(ro.completions.tokens.shape[1])  # the response bucket
     for key in update_metrics[0]:
         metrics[f"grpo/{key}"] = float(np.mean([float(m[key]) for m in update_metrics]))
     for key, seconds in ro.seconds.items():

@@ -62,6 +62,7 @@ def setup(c: ml_collections.ConfigDict, workdir: str, reward_fn: rewards.RewardF
         reward_fn=reward_fn or rewards.reward_fn_from_config(c.reward, model_cfg.family, c.data.chat_template),
         group_size=int(c.grpo.group_size), num_minibatches=int(c.grpo.num_minibatches),
         prompt_bucket=int(c.data.prompt_bucket), scoring_chunk=int(c.grpo.scoring_chunk),
+        response_buckets=grpo.response_buckets(int(c.grpo.max_new_tokens), int(c.grpo.response_bucket)),
         transfer_guard=c.log.transfer_guard)
     return Run(c, workdir, model_cfg, mesh, graphdef, params, tokenizer, tok_path, builder, sft_builder,
                Curriculum(list(c.curriculum.phases)), iteration)
