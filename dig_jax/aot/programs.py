@@ -270,7 +270,7 @@ def _generation_shapes(rows: int, new_tokens: int) -> sampler.Generation:
     def struct(dtype, shape=(rows, new_tokens)):
         return jax.ShapeDtypeStruct(shape, dtype)
     return sampler.Generation(struct(jnp.int32), struct(jnp.float32), struct(jnp.float32), struct(jnp.int32),
-                              struct(jnp.int32, (rows,)))
+                              struct(jnp.int32, (rows,)), struct(jnp.int32, ()))
 
 
 def _minibatch(args, per_mb: int, mesh: Mesh):

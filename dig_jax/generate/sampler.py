@@ -96,6 +96,8 @@ class Generation:
     sampling_logprobs  float32[B, T] log-prob under the filtered sampling distribution; 0 where masked/greedy
     completion_mask    int32[B, T]   1 up to and including the first EOS
     lengths            int32[B]      number of generated tokens including EOS (T if no EOS)
+    steps              int32[]       tokens the decode loop produced per row: the longest length, since
+                                     the loop stops once every row has emitted EOS (T at most)
     """
 
     tokens: jax.Array
@@ -103,6 +105,7 @@ class Generation:
     sampling_logprobs: jax.Array
     completion_mask: jax.Array
     lengths: jax.Array
+    steps: jax.Array
 
 # ----------------------------------------------------------------------------------------------------
 # Token selection
@@ -210,12 +213,12 @@ def _generate_impl(graphdef, state, batch: PromptBatch, rng, sampling: SamplingC
         return k + 1, tok, cache, done, put(tokens, tok), put(lps, lp_k), put(slps, slp_k)
 
     carry = (jnp.int32(1), tok, cache, done, tokens, lps, slps)
-    _, _, _, _, tokens, lps, slps = jax.lax.while_loop(cond, body, carry)
+    steps, _, _, _, tokens, lps, slps = jax.lax.while_loop(cond, body, carry)
 
     is_eos = jnp.isin(tokens, eos)
     lengths = jnp.where(is_eos.any(axis=1), jnp.argmax(is_eos, axis=1) + 1, t_max).astype(jnp.int32)
     mask = (jnp.arange(t_max)[None, :] < lengths[:, None]).astype(jnp.int32)
-    return Generation(tokens, lps, slps, mask, lengths)
+    return Generation(tokens, lps, slps, mask, lengths, steps)
 
 
 _generate_jit = jax.jit(_generate_impl, static_argnames=("graphdef", "sampling", "cache_dtype"))

@@ -127,6 +127,21 @@ def test_per_row_eos_stop_matches_hf(setup):
     np.testing.assert_array_equal(np.asarray(out.completion_mask)[0], np.arange(T) <= k_stop)
     assert (tokens[0, k_stop + 1:] == s.cfg.pad_token_id).all() and tokens[0, k_stop] == eos
     assert (lps[0, k_stop + 1:] == 0).all() and (lps[0, :k_stop + 1] < 0).all()
+    assert int(out.steps) == T  # row 1 kept the decode loop going to the cap
+
+
+@pytest.mark.slow
+def test_decode_loop_stops_once_every_row_has_ended(setup):
+    """With EOS ids that both rows emit early, the loop runs only as many steps as the longest row."""
+    s = setup
+    free = hf_generate(s, eos=s.cfg.eos_token_id)
+    eos = (int(free[0][2]), int(free[1][3]))
+    ends = [next(k for k, t in enumerate(row) if t in eos) + 1 for row in free]  # HF's trajectories until EOS
+    out = S.generate(s.model, s.batch, jax.random.key(0), greedy(eos_token_ids=eos))
+    np.testing.assert_array_equal(np.asarray(out.lengths), ends)
+    assert int(out.steps) == max(ends) < T
+    np.testing.assert_array_equal(np.asarray(out.tokens)[np.asarray(out.completion_mask) == 1],
+                                  free[np.arange(T)[None] < np.array(ends)[:, None]])
 
 
 @pytest.mark.slow
