@@ -19,15 +19,3 @@ requires_libtpu = pytest.mark.skipif(
     not HAS_LIBTPU, reason="libtpu is not installed: `pip install -e '.[tpu]'` (jax[tpu] pinned to the project's "
                            "jax) compiles for TPU topologies on this CPU")
 
-
-@pytest.fixture(scope="package", autouse=True)
-def tpu_matmul_precision():
-    """The suite's conftest asks for "highest" matmul precision (exact CPU parity checks); a TPU run keeps
-    JAX's default, and Mosaic refuses the splash kernels' bfloat16 matmuls otherwise. So the TPU
-    programs are compiled here as the trainer compiles them on a TPU: at the default precision."""
-    import jax
-
-    before = jax.config.jax_default_matmul_precision
-    jax.config.update("jax_default_matmul_precision", None)
-    yield
-    jax.config.update("jax_default_matmul_precision", before)
