@@ -212,20 +212,22 @@ def data_sharding(mesh: Mesh, ndim: int, rules: Rules = DEFAULT_RULES) -> NamedS
     return NamedSharding(mesh, logical_to_spec(("batch",) + (None,) * (ndim - 1), rules, mesh))
 
 
+def batch_sharding(mesh: Mesh, shape: Sequence[int], axis: int = 0) -> NamedSharding:
+    """The trainer's placement of an array of `shape` whose batch axis is `axis`: that axis over the data
+    axes where it divides (and is at least one row per shard); scalars, and batches that do not divide
+    (a short last evaluation batch), replicated."""
+    shards = mesh.shape["data"] * mesh.shape["fsdp"]
+    if len(shape) == 0 or shape[axis] % shards or shape[axis] < shards:
+        return NamedSharding(mesh, P())
+    logical = tuple("batch" if d == axis else None for d in range(len(shape)))
+    return NamedSharding(mesh, logical_to_spec(logical, mesh=mesh))
+
+
 def place_batch(tree, mesh: Mesh | None):
-    """Row-major host arrays onto `mesh`: the batch axis over the data axes where it divides (and is at
-    least one row per shard); everything else, and batches that do not divide, replicated."""
+    """Row-major host arrays onto `mesh` by `batch_sharding`."""
     if mesh is None:
         return jax.tree.map(jax.numpy.asarray, tree)
-    batch_shards = mesh.shape["data"] * mesh.shape["fsdp"]
-
-    def put(x):
-        x = np.asarray(x)
-        if x.ndim >= 1 and x.shape[0] % batch_shards == 0 and x.shape[0] >= batch_shards:
-            return jax.device_put(x, data_sharding(mesh, x.ndim))
-        return jax.device_put(x, NamedSharding(mesh, P()))
-
-    return jax.tree.map(put, tree)
+    return jax.tree.map(lambda x: jax.device_put(np.asarray(x), batch_sharding(mesh, np.shape(x))), tree)
 
 
 def place_local_batch(tree, mesh: Mesh, axis: int = 0):

@@ -22,15 +22,6 @@ from dig_jax import sharding
 from dig_jax.generate.batch import PromptBatch
 
 
-def batch_sharding(mesh: Mesh, shape: tuple[int, ...], axis: int = 0) -> NamedSharding:
-    """Where the trainer puts an array of `shape` whose batch axis is `axis` (see the module docstring)."""
-    shards = mesh.shape["data"] * mesh.shape["fsdp"]
-    if len(shape) == 0 or shape[axis] % shards or shape[axis] < shards:
-        return NamedSharding(mesh, PartitionSpec())
-    logical = tuple("batch" if d == axis else None for d in range(len(shape)))
-    return NamedSharding(mesh, sharding.logical_to_spec(logical, mesh=mesh))
-
-
 def abstract(x, sharding_: NamedSharding | None = None) -> jax.ShapeDtypeStruct:
     """A ShapeDtypeStruct of `x` (an array, a ShapeDtypeStruct or a Python scalar) with the dtype a
     device_put would give it (int64 -> int32 without x64) and `sharding_`."""
@@ -41,7 +32,7 @@ def abstract(x, sharding_: NamedSharding | None = None) -> jax.ShapeDtypeStruct:
 
 def rows(tree, mesh: Mesh, axis: int = 0):
     """Every leaf of `tree` placed by the batch rule on `axis`."""
-    return jax.tree.map(lambda x: abstract(x, batch_sharding(mesh, abstract(x).shape, axis)), tree)
+    return jax.tree.map(lambda x: abstract(x, sharding.batch_sharding(mesh, abstract(x).shape, axis)), tree)
 
 
 def replicated(tree, mesh: Mesh):

@@ -78,8 +78,8 @@ def test_state_is_sharded_as_the_trainer_shards_it(workdir):
 
 def test_the_batch_rule():
     mesh = sharding.make_mesh((2, 2, 2), jax.devices())
-    assert placement.batch_sharding(mesh, (8, 5)).spec == sharding.logical_to_spec(("batch", None), mesh=mesh)
-    assert placement.batch_sharding(mesh, (3, 8, 5), axis=1).spec[1] == ("data", "fsdp")
+    assert sharding.batch_sharding(mesh, (8, 5)).spec == sharding.logical_to_spec(("batch", None), mesh=mesh)
+    assert sharding.batch_sharding(mesh, (3, 8, 5), axis=1).spec[1] == ("data", "fsdp")
     for shape in [(6, 5), (2, 5), ()]:  # rows that do not divide over 4 batch shards, and a scalar
-        assert placement.batch_sharding(mesh, shape).spec == jax.sharding.PartitionSpec()
+        assert sharding.batch_sharding(mesh, shape).spec == jax.sharding.PartitionSpec()
     assert placement.abstract(np.int64(3)).dtype == np.int32  # what device_put makes of it (no x64)
