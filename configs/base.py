@@ -133,6 +133,11 @@ def _grpo(c):
     # answer of the rollout rounded up to a bucket (powers of two from this one, then max_new_tokens),
     # not over all max_new_tokens positions; each bucket compiles once. 0 = always max_new_tokens.
     c.grpo.response_bucket = 64
+    # Where the rollout decodes (`dig_jax.generate.sampling_layout`): "auto" (tensor-parallel within a
+    # host, data-parallel across hosts; the training mesh on one device), "training" (decode on the FSDP
+    # training mesh, which gathers every weight for every token) or "tensor=N". The policy is copied
+    # into the sampling layout once per iteration.
+    c.grpo.sampling_mesh = "auto"
 
 
 def _reward(c):

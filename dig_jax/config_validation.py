@@ -10,6 +10,7 @@ import math
 import ml_collections
 
 from dig_jax import sharding
+from dig_jax.generate import sampling_layout
 from dig_jax.rl.curriculum import Curriculum
 from dig_jax.models import config as model_config
 from dig_jax.models.attention import ATTENTION_IMPLEMENTATIONS
@@ -118,6 +119,20 @@ def _check_batches(c, num_devices: int, num_processes: int) -> None:
     if c.grpo.steps and rows % batch_axes:
         _fail("grpo.num_minibatches", f"each minibatch of {rows} sequences must divide over the {batch_axes} "
                                       "batch shards")
+    _check_sampling_mesh(c, num_devices, num_processes)
+
+
+def _check_sampling_mesh(c, num_devices: int, num_processes: int) -> None:
+    try:
+        choice = sampling_layout.parse(_value(c, "grpo.sampling_mesh"))
+    except ValueError as e:
+        _fail("grpo.sampling_mesh", str(e))
+    if c.grpo.steps and isinstance(choice, int):
+        problem = sampling_layout.tensor_problem(
+            choice, num_devices=num_devices, devices_per_process=num_devices // num_processes,
+            num_processes=num_processes, rows=c.grpo.prompts_per_batch * c.grpo.group_size)
+        if problem:
+            _fail("grpo.sampling_mesh", problem)
 
 
 def _check_optimisation(c) -> None:

@@ -2,6 +2,8 @@
 the validator checks name themselves in its errors."""
 import os
 
+import re
+
 import pytest
 
 from configs import base, demo_cpu, dig_qwen3vl
@@ -134,6 +136,8 @@ def _demo_with_data():
     ("grpo.scoring_chunk", 0),
     ("grpo.response_bucket", -1),
     ("grpo.response_bucket", 64.0),
+    ("grpo.sampling_mesh", "tp=2"),
+    ("grpo.sampling_mesh", "tensor=0"),
     ("eval.every", -1),
     ("eval.every", 2.5),
     ("eval.every", True),
@@ -160,6 +164,23 @@ def test_new_fields_accept_their_documented_values():
     c.eval.evaluators = ("dig", "dig_visualise")
     c.log.transfer_guard = "disallow"
     validate(c, num_devices=1)
+
+
+@pytest.mark.parametrize("value, devices, processes, why", [
+    ("tensor=3", 8, 1, "tensor=3 does not divide the 8 devices"),
+    ("tensor=1", 16, 1, "leaves a data axis of 16, which does not divide the rollout's 24 rows"),
+    ("tensor=8", 8, 2, "a tensor group must lie within one host (4 devices each)"),
+])
+def test_a_sampling_mesh_that_cannot_work_is_named(value, devices, processes, why):
+    c = _demo_with_data()
+    c.grpo.prompts_per_batch, c.grpo.group_size = 8, 3  # 24 rows
+    c.eval.batch_size = c.sft.batch_size = 8
+    c.mesh.data, c.mesh.fsdp, c.mesh.tensor = -1, 1, 4  # 2 or 4 batch shards: the batches divide
+    c.grpo.sampling_mesh = value
+    with pytest.raises(ConfigError, match=rf"^config\.grpo\.sampling_mesh: .*{re.escape(why)}"):
+        validate(c, num_devices=devices, num_processes=processes)
+    c.grpo.sampling_mesh = "tensor=2"
+    validate(c, num_devices=8, num_processes=1)
 
 
 def test_missing_new_field_is_named():

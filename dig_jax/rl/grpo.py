@@ -3,7 +3,9 @@ the jitted policy update, the reference log-probs, and one whole iteration.
 
 Axis legend: P prompts, G group size, N = P * G samples (group members contiguous), T completion length.
 
-An iteration (`grpo_iteration`): sample G answers per prompt (`generate.sampler`), decode them and score
+An iteration (`grpo_iteration`): copy the policy into the sampling layout when there is one
+(`generate.sampling_layout`: decoding there moves activations, not weights), sample G answers per prompt
+(`generate.sampler`), bring them back to the training layout, decode them and score
 them with the injected reward function (`rewards.REWARD_FNS`, `dig` by default), turn rewards into group
 advantages, cut the completions to the response-length bucket of the longest answer (`response_buckets`),
 score the samples under the frozen reference when the KL term is on, then take `num_minibatches` policy
@@ -20,6 +22,7 @@ updates, each over whole groups. Choices, with the reason for each:
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import math
@@ -36,6 +39,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from dig_jax import multihost, sharding
 from dig_jax.generate import sampler
 from dig_jax.generate.batch import Completions, PromptBatch, prompt_batch, select_rows
+from dig_jax.generate.sampling_layout import SamplingLayout, to_mesh
 from dig_jax.generate.scoring import score_completions
 from dig_jax.models.config import ModelConfig
 from dig_jax.rl.rewards import RewardFn
@@ -222,23 +226,37 @@ def decode_texts(tokenizer, tokens: np.ndarray, mask: np.ndarray) -> list[str]:
 
 def rollout(model, batch: dict, *, cfg: ModelConfig, tokenizer, sampling_config: sampler.SamplingConfig,
             group_size: int, reward_fn: RewardFn, rng: Array, mesh: Mesh | None, prompt_bucket: int,
-            loss_config: GRPOConfig = GRPOConfig(), transfer_guard: str = "allow") -> Rollout:
+            loss_config: GRPOConfig = GRPOConfig(), transfer_guard: str = "allow",
+            layout: SamplingLayout | None = None) -> Rollout:
     """Samples `group_size` answers per prompt, decodes and scores them, and computes advantages.
 
     `batch` is this host's share of the prompts; the sampled tokens and the reward's fields are gathered
     from every host, so the reward and the advantages are those of the global batch, on every host.
 
+    With a sampling `layout`, `model` is the policy's copy in it (`SamplingLayout.policy`): the prompts
+    are placed on its mesh, decoding runs there (and its KV cache lives there), and the sampled tokens,
+    mask and log-probs come back in the training layout of `mesh`, beside the prompts placed there
+    again for the update. Without one, everything stays on `mesh`.
+
     `transfer_guard` applies to the jitted sampler call ("disallow": any implicit host <-> device
     transfer inside it is an error; everything it reads was placed explicitly).
     """
     t0 = time.perf_counter()
-    prompts = prompt_batch(cfg, batch, group_size=group_size, mesh=mesh, prompt_bucket=prompt_bucket,
+    sampling_mesh = mesh if layout is None else layout.mesh
+    prompts = prompt_batch(cfg, batch, group_size=group_size, mesh=sampling_mesh, prompt_bucket=prompt_bucket,
                            process_local=True)
     if mesh is not None:  # the key (the same on every host) is replicated over the mesh, as the sampler reads it
-        replicated = jax.device_put(np.asarray(jax.random.key_data(rng)), NamedSharding(mesh, PartitionSpec()))
+        replicated = jax.device_put(np.asarray(jax.random.key_data(rng)),
+                                    NamedSharding(sampling_mesh, PartitionSpec()))
         rng = jax.random.wrap_key_data(replicated, impl=jax.random.key_impl(rng))
-    with jax.transfer_guard(transfer_guard):
+    on_layout = contextlib.nullcontext() if layout is None else sharding.activate(layout.mesh)
+    with jax.transfer_guard(transfer_guard), on_layout:
         gen = sampler.generate(model, prompts, rng, sampling_config)
+    if layout is not None:  # while the decode runs: the update's inputs in the training layout
+        prompts = prompt_batch(cfg, batch, group_size=group_size, mesh=mesh, prompt_bucket=prompt_bucket,
+                               process_local=True)
+        gen = dataclasses.replace(gen, **to_mesh({"tokens": gen.tokens, "completion_mask": gen.completion_mask,
+                                                  "logprobs": gen.logprobs}, mesh))
     tokens, mask = multihost.to_host(gen.tokens), multihost.to_host(gen.completion_mask)
     t1 = time.perf_counter()
     texts = decode_texts(tokenizer, tokens, mask)
@@ -271,6 +289,7 @@ class IterationSetup:
     scoring_chunk: int = 64
     response_buckets: tuple[int, ...] = ()  # see `response_buckets`; () = always sampling.max_new_tokens
     transfer_guard: str = "allow"  # around the jitted calls: "disallow" makes implicit transfers errors
+    sampling_layout: SamplingLayout | None = None  # None: decode on the training mesh (`generate.sampling_layout`)
 
 
 def response_buckets(max_new_tokens: int, smallest: int) -> tuple[int, ...]:
@@ -321,10 +340,17 @@ def minibatches(ro: Rollout, ref_logp: Array | None, num_minibatches: int, group
 
 def grpo_iteration(setup: IterationSetup, tx, params, opt_state, reference, batch: dict, key: Array):
     """Rollout -> reward -> advantages -> `num_minibatches` policy updates. Returns new state and metrics."""
-    model = nnx.merge(setup.graphdef, params)
-    ro = rollout(model, batch, cfg=setup.model_cfg, tokenizer=setup.tokenizer, sampling_config=setup.sampling,
-                 group_size=setup.group_size, reward_fn=setup.reward_fn, rng=key, mesh=setup.mesh,
-                 prompt_bucket=setup.prompt_bucket, loss_config=setup.loss, transfer_guard=setup.transfer_guard)
+    layout = setup.sampling_layout
+    t0 = time.perf_counter()
+    policy = params if layout is None else jax.block_until_ready(layout.policy(params))  # once per iteration
+    reshard_seconds = time.perf_counter() - t0
+    ro = rollout(nnx.merge(setup.graphdef, policy), batch, cfg=setup.model_cfg, tokenizer=setup.tokenizer,
+                 sampling_config=setup.sampling, group_size=setup.group_size, reward_fn=setup.reward_fn, rng=key,
+                 mesh=setup.mesh, prompt_bucket=setup.prompt_bucket, loss_config=setup.loss,
+                 transfer_guard=setup.transfer_guard, layout=layout)
+    del policy  # the sampling copy's HBM is free again before the update
+    if layout is not None:
+        ro.seconds["reshard"] = reshard_seconds
     if setup.response_buckets:
         ro = truncated(ro, bucket_for(int(ro.lengths.max()), setup.response_buckets))
     t0 = time.perf_counter()

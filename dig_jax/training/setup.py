@@ -13,7 +13,9 @@ from flax import nnx
 
 from dig_jax import assemble, sharding
 from dig_jax.config_validation import validate
+from dig_jax.generate import sampling_layout
 from dig_jax.generate.sampler import SamplingConfig
+from dig_jax.generate.sampling_layout import SamplingLayout
 from dig_jax.processing.examples import ExampleBuilder
 from dig_jax.rl import grpo, rewards
 from dig_jax.rl.curriculum import Curriculum
@@ -56,6 +58,7 @@ def setup(c: ml_collections.ConfigDict, workdir: str, reward_fn: rewards.RewardF
     with sharding.activate(mesh):
         model = assemble.create_model(c, model_cfg, mesh, patches_per_image=builder.patches_per_image)
     graphdef, params = nnx.split(model, nnx.Param)
+    layout = _sampling_layout(c, mesh, model_cfg, params)
     iteration = grpo.IterationSetup(
         graphdef=graphdef, model_cfg=model_cfg, tokenizer=tokenizer, mesh=mesh,
         sampling=SamplingConfig.from_config(c.grpo, model_cfg), loss=grpo.GRPOConfig.from_config(c.grpo),
@@ -63,6 +66,21 @@ def setup(c: ml_collections.ConfigDict, workdir: str, reward_fn: rewards.RewardF
         group_size=int(c.grpo.group_size), num_minibatches=int(c.grpo.num_minibatches),
         prompt_bucket=int(c.data.prompt_bucket), scoring_chunk=int(c.grpo.scoring_chunk),
         response_buckets=grpo.response_buckets(int(c.grpo.max_new_tokens), int(c.grpo.response_bucket)),
-        transfer_guard=c.log.transfer_guard)
+        transfer_guard=c.log.transfer_guard, sampling_layout=layout)
     return Run(c, workdir, model_cfg, mesh, graphdef, params, tokenizer, tok_path, builder, sft_builder,
                Curriculum(list(c.curriculum.phases)), iteration)
+
+
+def _sampling_layout(c: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, model_cfg,
+                     params: nnx.State) -> SamplingLayout | None:
+    """The rollout's sampling layout (`grpo.sampling_mesh`), or None to decode on the training mesh.
+
+    "auto" sizes the copy against the chip's memory limit where the runtime states one (TPU, GPU: the
+    `bytes_limit` of `memory_stats`); CPU devices state none, and any tensor group fits there."""
+    if not c.grpo.steps:
+        return None
+    stats = jax.local_devices()[0].memory_stats() or {}  # this host's chip: another host's cannot be asked
+    return sampling_layout.for_run(c.grpo.sampling_mesh, training_mesh=mesh, num_processes=jax.process_count(),
+                                   rows=int(c.grpo.prompts_per_batch) * int(c.grpo.group_size), model_cfg=model_cfg,
+                                   params=params, dtype=assemble.DTYPES[c.model.dtype],
+                                   hbm_bytes=stats.get("bytes_limit"))
