@@ -15,6 +15,11 @@ one generated token of one row, the roofline time of an update and of a decode s
 compute, HBM and ICI; `dig_jax.aot.flops` states the figures), and the collective operand bytes per
 chip of one call of each program (the decode loop counted at every one of its steps; the plan's JSON
 also has the bytes each chip receives over ICI, which the rooflines use).
+
+A second table, the rollout per GRPO iteration (`report.rollout_estimate`): the sampling layout the run
+decodes on (`grpo.sampling_mesh`), the ICI bytes each chip receives per decode step there and on the
+training mesh, the one-off bytes of copying the policy into the layout, the KV cache per chip, and the
+rollout's roofline time on each (the layout's including the copy) with their ratio.
 """
 from __future__ import annotations
 
@@ -35,11 +40,14 @@ MODELS = ("4b", "8b", "4b_thinking", "8b_thinking")
 TOPOLOGIES = ("v5p-32", "v5e-64", "v6e-32")
 EXTRA = (("4b@1024", "v5p-32"),)  # the high-resolution variant, on the slice the paper's runs use
 GIB = 1024 ** 3
-SHORT = {"sft_step": "sft", "grpo_generation": "gen", "reference_logprobs": "ref", "grpo_update": "update",
+SHORT = {"sft_step": "sft", "policy_reshard": "reshard", "grpo_generation": "gen", "reference_logprobs": "ref", "grpo_update": "update",
          "eval_generation": "eval"}
 COLUMNS = ["model", "topology", "mesh", "verdict", "worst", "live_GiB", "hbm_GiB", "live_pct", "compile_s", "update_TFLOPs",
            "token_GFLOPs", "update_roofline_s", "update_bound", "decode_step_ms", "decode_bound"] + \
           [f"{short}_coll_GiB" for short in SHORT.values()]
+ROLLOUT_COLUMNS = ["model", "topology", "sampling", "decode_ICI_MiB_training", "decode_ICI_MiB_sampling", "reshard_GiB",
+                   "kv_cache_GiB", "rollout_s_training", "rollout_s_sampling", "speedup"]
+MIB = 1024 ** 2
 
 
 def parse_args(argv):
@@ -120,6 +128,22 @@ def row_of(model: str, topology: str, plan: dict) -> dict:
     return row
 
 
+def rollout_row_of(model: str, topology: str, plan: dict) -> dict | None:
+    """The rollout table's row of one plan (module docstring), None without a compiled generation."""
+    ro = plan.get("rollout")
+    if not ro:
+        return None
+    layout = plan["sampling_layout"]
+    row = {"model": model, "topology": topology,
+           "sampling": "training mesh" if layout is None else f"data{layout['data']}/tensor{layout['tensor']}",
+           "decode_ICI_MiB_sampling": ro["sampling"]["ici_bytes_per_step"] / MIB, "reshard_GiB": ro["reshard_bytes"] / GIB,
+           "kv_cache_GiB": ro["sampling"]["kv_cache_bytes_per_chip"] / GIB, "rollout_s_sampling": ro["total_s"]}
+    if "training_mesh" in ro:
+        row.update(decode_ICI_MiB_training=ro["training_mesh"]["ici_bytes_per_step"] / MIB,
+                   rollout_s_training=ro["training_mesh"]["generation_s"], speedup=ro["speedup"])
+    return row
+
+
 def main(argv=None) -> list[dict]:
     a = parse_args(argv)
     from dig_jax.aot import plan as aot_plan
@@ -129,7 +153,7 @@ def main(argv=None) -> list[dict]:
 
     print(f"# aot_plan  jax {jax.__version__}; {_common.machine_line()}", flush=True)
     only = tuple(p for p in a.programs.split(",") if p) or None
-    rows = []
+    rows, rollout_rows = [], []
     with tempfile.TemporaryDirectory() as tmp:
         root = a.workdir or tmp
         for model, topology in jobs(a.models, a.topologies):
@@ -146,10 +170,14 @@ def main(argv=None) -> list[dict]:
                 rows.append({"model": model, "topology": topology, "verdict": f"ERROR: {type(e).__name__}: {e}"})
                 continue
             rows.append(row_of(model, topology, plan))
+            rollout_rows += [r for r in [rollout_row_of(model, topology, plan)] if r]
             print(f"{model} on {topology}: {plan['verdict']} ({time.perf_counter() - t0:.0f} s)", flush=True)
     print(f"\n## AOT plans ({a.num_slices} slice(s)); per chip; {_common.machine_line()}")
     print(_common.markdown_table(rows, COLUMNS, {"live_pct": ".1f", "compile_s": ".0f"}))
-    _common.write_json(a.json, rows)
+    if rollout_rows:
+        print("\n## Rollout per GRPO iteration (roofline; per chip)")
+        print(_common.markdown_table(rollout_rows, ROLLOUT_COLUMNS, {"speedup": ".1f"}))
+    _common.write_json(a.json, rows + rollout_rows)
     return rows
 
 

@@ -22,8 +22,10 @@ Rooflines (per chip, the largest of the three is the bound): compute = FLOPs / (
 FLOP/s); HBM = bytes each chip must stream / HBM bandwidth; ICI = bytes each chip receives for the
 program's collectives (`analysis.wire_bytes`) / ICI bandwidth (the figures and their sources are in
 `topologies`). Bytes streamed per chip, a lower bound:
-  * a decode step: every weight once in the compute dtype (FSDP gathers each layer's full weights onto
-    every chip, cast for the matmuls) plus this chip's parameter shard, and this chip's KV cache;
+  * a decode step on a mesh with an fsdp axis: every weight once in the compute dtype (FSDP gathers
+    each layer's full weights onto every chip, cast for the matmuls) plus this chip's parameter shard,
+    and this chip's KV cache; on the sampling layout (fsdp = 1, `generate.sampling_layout`): this
+    chip's shard of the policy's copy (already in the compute dtype) and its KV cache;
   * an update: every weight three times in the compute dtype (forward, and the backward's two
     products) plus the optimiser reading parameters, gradients and both Adam moments and writing
     parameters and moments on this chip's shard (7 passes in the parameter dtype); activations are not
@@ -121,7 +123,8 @@ def roofline(flops: float, hbm_bytes_per_chip: float, ici_bytes_per_chip: float,
 
 def decode_step_bytes(compute_bytes_total: int, param_bytes_per_chip: int, kv_cache_bytes_per_chip: int) -> float:
     """HBM bytes one chip streams per decode step (see the module docstring): `compute_bytes_total` is
-    every weight in the compute dtype, `param_bytes_per_chip` this chip's shard in the parameter dtype."""
+    every weight in the compute dtype that FSDP gathers (0 without an fsdp axis), `param_bytes_per_chip`
+    this chip's shard of the parameters the step reads."""
     return float(compute_bytes_total + param_bytes_per_chip + kv_cache_bytes_per_chip)
 
 

@@ -19,6 +19,7 @@ import ml_collections
 
 from dig_jax import assemble, config_validation, sharding
 from dig_jax.aot import analysis, programs, report, topologies
+from dig_jax.generate import sampling_layout
 
 # libtpu warns for a second when it finds no TPU unless told what it is standing in for; the value does
 # not limit which topology can be compiled for.
@@ -86,9 +87,9 @@ def image_hw(files: str, image_size: int | None) -> tuple[tuple[int, int], str]:
 
 
 def run_parts(c: ml_collections.ConfigDict, workdir: str, devices, num_processes: int,
-              image_size: int | None = None) -> tuple[programs.RunParts, list[str]]:
-    """The run's model, mesh and example builders, built as `training.setup` builds them (notes: what
-    the plan assumed)."""
+              image_size: int | None = None, hbm_bytes: int | None = None) -> tuple[programs.RunParts, list[str]]:
+    """The run's model, mesh, sampling layout and example builders, built as `training.setup` builds
+    them (notes: what the plan assumed); `hbm_bytes` per chip sizes an "auto" sampling layout."""
     c, notes = planning_config(c)
     n = int(c.mesh.get("num_devices", 0) or 0)
     devices = list(devices)[:n] if n else list(devices)
@@ -108,7 +109,16 @@ def run_parts(c: ml_collections.ConfigDict, workdir: str, devices, num_processes
     assemble.check_room_for_answers(c, eval_builder, "eval.max_new_tokens", c.eval.max_new_tokens)
     mesh = sharding.make_mesh(config_validation.mesh_shape(c, len(devices)), devices)
     graphdef, params = programs.abstract_params(c, model_cfg, mesh, builder.patches_per_image)
-    return programs.RunParts(c, model_cfg, mesh, graphdef, params, builder, sft_builder, eval_builder), notes
+    layout = None
+    if c.grpo.steps:
+        layout = sampling_layout.for_run(
+            c.grpo.sampling_mesh, training_mesh=mesh, num_processes=num_processes,
+            rows=int(c.grpo.prompts_per_batch) * int(c.grpo.group_size), model_cfg=model_cfg, params=params,
+            dtype=assemble.DTYPES[c.model.dtype], hbm_bytes=hbm_bytes)
+        notes.append("the rollout decodes on the training mesh" if layout is None else
+                     f"the rollout decodes on the sampling layout {layout.describe()} (grpo.sampling_mesh="
+                     f"{c.grpo.sampling_mesh!r})")
+    return programs.RunParts(c, model_cfg, mesh, graphdef, params, builder, sft_builder, eval_builder, layout), notes
 
 
 def plan(c: ml_collections.ConfigDict, topology: str, workdir: str, *, num_slices: int = 1,
@@ -118,9 +128,9 @@ def plan(c: ml_collections.ConfigDict, topology: str, workdir: str, *, num_slice
     and writes it into `workdir` as aot_plan.json / aot_plan.md."""
     topo = topologies.get(topology)
     devices = topo.describe(num_slices).devices
-    parts, notes = run_parts(c, workdir, devices, topo.hosts * num_slices, image_size)
     measured = analysis.usable_hbm_bytes(devices[0])
     hbm = measured or topo.generation.usable_hbm_bytes
+    parts, notes = run_parts(c, workdir, devices, topo.hosts * num_slices, image_size, hbm_bytes=hbm)
     if measured is None:
         notes.append("the compiler did not state its HBM limit: the table's usable HBM is used")
     elif abs(measured - topo.generation.usable_hbm_bytes) > 0.01 * topologies.GIB:

@@ -1,8 +1,14 @@
 """Every program a run keeps resident, built through the trainer's own code with the run's real shapes.
 
   sft_step            `rl.sft.sft_step` on a warm-up batch (when sft.steps > 0)
+  policy_reshard      `SamplingLayout.policy`: the once-per-iteration copy of the policy into the sampling
+                      layout (when the run has one, `generate.sampling_layout`)
   grpo_generation     `generate.sampler.generate`: prefill + decode loop with the KV cache for prompt +
-                      grpo.max_new_tokens, at the rollout batch (prompts_per_batch x group_size rows)
+                      grpo.max_new_tokens, at the rollout batch (prompts_per_batch x group_size rows), on
+                      the sampling layout when there is one
+  grpo_generation_training_mesh
+                      with a sampling layout, the same generation on the training mesh: never run, compiled
+                      as the comparison (`Program.comparison`, outside the verdict)
   reference_logprobs  `rl.grpo.reference_logprobs` on the rollout (when grpo.kl_coef > 0)
   grpo_update         `rl.grpo.grpo_step` on one minibatch (prompts / num_minibatches whole groups)
   eval_generation     greedy `generate` at eval.batch_size rows, eval.max_new_tokens new tokens
@@ -16,10 +22,12 @@ axes, replicated otherwise); the KL reference is `training.state.fresh_reference
 `jax.eval_shape`, sharded like the parameters it copies.
 
 Data flow, as in `rl.grpo.grpo_iteration`: the reference and the update read the completions and
-log-probs the generation returns, with the shardings the compiled generation gives them; with several
+log-probs the generation returns, with the shardings the compiled generation gives them (on a
+sampling layout: as `sampling_layout.to_mesh` places them back, by the batch rule); the generation on a
+sampling layout reads the compiled copy's outputs and prompts placed on its mesh; with several
 minibatches, each update reads the rows `rl.grpo.minibatches` takes (`jnp.take` of whole groups,
 `generate.batch.select_rows`), compiled here to learn their shardings. If a producer does not fit,
-its outputs are taken as placed by the batch rule (`placement.batch_sharding`).
+its outputs are taken as placed by the batch rule (`sharding.batch_sharding`).
 
 Each program also records what else is live on the chip while it runs (`live_outside`): the resident
 state that is not among its arguments (the optimiser state and the reference during generation, the
@@ -41,6 +49,7 @@ from dig_jax import assemble, sharding
 from dig_jax.aot import analysis, flops, inputs, placement
 from dig_jax.generate import sampler
 from dig_jax.generate.batch import Completions, select_rows
+from dig_jax.generate.sampling_layout import SamplingLayout
 from dig_jax.models.vlm import init_cache
 from dig_jax.processing.examples import ExampleBuilder
 from dig_jax.rl import grpo, sft
@@ -59,6 +68,7 @@ class RunParts:
     builder: ExampleBuilder  # GRPO prompts
     sft_builder: ExampleBuilder  # warm-up examples
     eval_builder: ExampleBuilder  # held-out pairs
+    layout: SamplingLayout | None = None  # the rollout's sampling layout (None: it decodes on `mesh`)
 
 
 @dataclasses.dataclass
@@ -75,6 +85,7 @@ class Program:
     hbm_bytes: float  # bytes each chip streams per call, a lower bound (see `flops`)
     per_token: dict | None = None  # generation only: FLOPs / HBM bytes / ICI bytes of one decode step
     notes: list[str] = dataclasses.field(default_factory=list)
+    comparison: bool = False  # compiled to compare against, never run: outside the verdict
 
 
 def abstract_params(c: ml_collections.ConfigDict, model_cfg, mesh: Mesh, patches_per_image: int):
@@ -119,11 +130,11 @@ def abstract_reference(c, params):
                         shapes, params, is_leaf=is_var)
 
 
-def kv_cache_bytes(parts: RunParts, rows: int, slots: int) -> int:
+def kv_cache_bytes(parts: RunParts, rows: int, slots: int, mesh: Mesh | None = None) -> int:
     """Per-chip bytes of the sampler's KV cache (`init_cache` in the model dtype) if it is split like the
-    batch: rows over data x fsdp where they divide, and KV heads over tensor where they divide (the
-    cache's total bytes divided accordingly, whatever its layout)."""
-    mesh, text = parts.mesh, parts.model_cfg.text
+    batch on `mesh` (default: the training mesh): rows over data x fsdp where they divide, and KV heads
+    over tensor where they divide (the cache's total bytes divided accordingly, whatever its layout)."""
+    mesh, text = mesh or parts.mesh, parts.model_cfg.text
     cache = jax.eval_shape(lambda: init_cache(parts.model_cfg, rows, slots, assemble.DTYPES[parts.config.model.dtype]))
     shards = mesh.shape["data"] * mesh.shape["fsdp"]
     split = (shards if rows % shards == 0 else 1) * (
@@ -188,29 +199,88 @@ def sft_program(parts: RunParts, compile_fn) -> Program:
 
 
 def grpo_programs(parts: RunParts, compile_fn) -> list[Program]:
-    """Generation, reference log-probs (with KL) and one minibatch update, in the order an iteration runs."""
-    c, mesh, cfg = parts.config, parts.mesh, parts.model_cfg
+    """In the order an iteration runs them: the copy of the policy into the sampling layout (when there
+    is one), the generation, the reference log-probs (with KL) and one minibatch update. With a sampling
+    layout, the generation on the training mesh is compiled too, as the comparison the report draws
+    (`Program.comparison`: not part of the run)."""
+    c, mesh, cfg, layout = parts.config, parts.mesh, parts.model_cfg, parts.layout
     tx, opt_state = abstract_opt_state(c, "grpo", parts.params, mesh)
     reference = abstract_reference(c, parts.params)
     resident = _bytes_by_name(params=parts.params, opt_state=opt_state, reference=reference)
     batch = inputs.host_batch(parts.builder, int(c.grpo.prompts_per_batch))
-    prompts = placement.prompts(inputs.prompt_shapes(cfg, batch, group_size=int(c.grpo.group_size),
-                                                     prompt_bucket=int(c.data.prompt_bucket)), mesh)
+    prompt_shapes = inputs.prompt_shapes(cfg, batch, group_size=int(c.grpo.group_size),
+                                         prompt_bucket=int(c.data.prompt_bucket))
+    prompts = placement.prompts(prompt_shapes, mesh)
     sampling = sampler.SamplingConfig.from_config(c.grpo, cfg)
-    gen = generation_program(parts, "grpo_generation", "grpo", prompts, sampling, compile_fn,
-                             patches_per_image=parts.builder.patches_per_image,
-                             live_outside={"opt_state": resident["opt_state"], "reference": resident["reference"]})
+    beside = {"opt_state": resident["opt_state"], "reference": resident["reference"]}
+    gen_args = dict(patches_per_image=parts.builder.patches_per_image)
+    programs = []
+    if layout is None:
+        programs.append(generation_program(parts, "grpo_generation", "grpo", prompts, sampling, compile_fn,
+                                           live_outside=beside, **gen_args))
+    else:
+        programs.append(reshard_program(parts, compile_fn, beside))
+        copy = _outputs_or_copy(programs[-1].result, parts)
+        programs.append(generation_program(parts, "grpo_generation", "grpo", placement.prompts(prompt_shapes, layout.mesh),
+                                           sampling, compile_fn, live_outside={"params": resident["params"], **beside},
+                                           params=copy, mesh=layout.mesh, **gen_args))
+        programs[-1].notes.append(f"on the sampling layout {layout.describe()}; its outputs return to the training "
+                                  "mesh by the batch rule (`sampling_layout.to_mesh`)")
+        programs.append(generation_program(parts, "grpo_generation_training_mesh", "grpo", prompts, sampling,
+                                           compile_fn, live_outside=beside, **gen_args))
+        programs[-1].comparison = True
+        programs[-1].notes.append("not run: the same generation on the training mesh, for comparison")
     rows = prompts.input_ids.shape[0]
-    out = _outputs_or_rows(gen.result, _generation_shapes(rows, sampling.max_new_tokens), mesh)
+    generated = programs[0 if layout is None else 1].result
+    if layout is None:
+        out = _outputs_or_rows(generated, _generation_shapes(rows, sampling.max_new_tokens), mesh)
+    else:  # `sampling_layout.to_mesh` places them by the batch rule on the training mesh
+        out = placement.rows(_generation_shapes(rows, sampling.max_new_tokens), mesh)
     rollout = {"prompts": prompts, "completions": Completions(out.tokens, out.completion_mask),
                "old_logp": out.logprobs, "ref_logp": None}
-    programs = [gen]
     if reference is not None:
         programs.append(reference_program(parts, compile_fn, reference, rollout, resident))
         rollout["ref_logp"] = _outputs_or_rows(programs[-1].result, out.logprobs, mesh)
     rollout["advantages"] = placement.rows(jax.ShapeDtypeStruct((rows,), jnp.float32), mesh)
     programs.append(update_program(parts, compile_fn, tx, opt_state, rollout, resident))
     return programs
+
+
+def sampling_copy(parts: RunParts):
+    """The policy's copy in the sampling layout, abstractly: the shapes and shardings
+    `SamplingLayout.policy` gives it."""
+    layout = parts.layout
+    shardings = sharding.state_shardings(parts.params, layout.mesh)
+    is_var = lambda x: isinstance(x, nnx.Variable)  # noqa: E731
+
+    def copy(v, s):
+        x = v.get_value()
+        dtype = layout.dtype if jnp.issubdtype(x.dtype, jnp.floating) else x.dtype
+        return v.replace(jax.ShapeDtypeStruct(x.shape, dtype, sharding=s))
+
+    return jax.tree.map(copy, parts.params, shardings, is_leaf=is_var)
+
+
+def _outputs_or_copy(result: analysis.Compiled | None, parts: RunParts):
+    """The compiled copy's outputs as the parameter tree, or (not compiled) `sampling_copy`."""
+    copy = sampling_copy(parts)
+    if result is None or not result.fits:
+        return copy
+    leaves = jax.tree.leaves(analysis.abstract_outputs(result.compiled))
+    return jax.tree.unflatten(jax.tree.structure(copy), leaves)
+
+
+def reshard_program(parts: RunParts, compile_fn, live_outside: dict[str, int]) -> Program:
+    """`SamplingLayout.policy`: the once-per-iteration copy of the parameters into the sampling layout.
+    Its collectives are the reshard's bytes; it streams the parameter shard in and the copy out."""
+    fn = parts.layout.reshard_fn(parts.params)
+    copy_bytes = analysis.shard_bytes(sampling_copy(parts))
+    return Program(
+        "policy_reshard", "grpo", compile_fn("policy_reshard", lambda: fn.lower(parts.params)),
+        arguments=_bytes_by_name(params=parts.params), live_outside=live_outside,
+        shapes={"rows": 0, "tensor": parts.layout.tensor}, flops=0.0,
+        hbm_bytes=float(analysis.shard_bytes(parts.params) + copy_bytes),
+        notes=[f"copies the policy into {parts.layout.describe()}: {copy_bytes / 2 ** 30:.2f} GiB per chip"])
 
 
 def _scoring_shapes(parts: RunParts, rollout: dict) -> dict:
@@ -288,20 +358,26 @@ def _minibatch(args, per_mb: int, mesh: Mesh):
 
 
 def generation_program(parts: RunParts, name: str, stage: str, prompts, sampling: sampler.SamplingConfig,
-                       compile_fn, *, live_outside: dict[str, int], patches_per_image: int) -> Program:
-    """`sampler.generate` over `prompts`; its FLOPs, bytes and per-decode-step figures."""
-    mesh, cfg = parts.mesh, parts.model_cfg
+                       compile_fn, *, live_outside: dict[str, int], patches_per_image: int, params=None,
+                       mesh: Mesh | None = None) -> Program:
+    """`sampler.generate` over `prompts` with `params` on `mesh` (default: the trainer's parameters on
+    the training mesh); its FLOPs, bytes and per-decode-step figures."""
+    mesh, cfg = mesh or parts.mesh, parts.model_cfg
+    params = parts.params if params is None else params
     key = _replicated_key(mesh)
-    lower = _lowering(mesh, _generation_fn(parts.graphdef, sampling), parts.params, prompts, key)
+    lower = _lowering(mesh, _generation_fn(parts.graphdef, sampling), params, prompts, key)
     rows, lp, t = prompts.input_ids.shape[0], prompts.input_ids.shape[1], sampling.max_new_tokens
     images = prompts.pixel_values.shape[0] // patches_per_image  # the distinct images (no patch padding)
-    kv = kv_cache_bytes(parts, rows, lp + t)
-    weights, shard = _compute_bytes(parts), analysis.shard_bytes(parts.params)
+    kv = kv_cache_bytes(parts, rows, lp + t, mesh)
+    shard = analysis.shard_bytes(params)
+    # FSDP parameters are gathered (in the compute dtype) before use; unsharded over fsdp, a chip reads
+    # only its own copy.
+    weights = _compute_bytes(parts) if mesh.shape["fsdp"] > 1 else 0
     per_token = {"flops": rows * flops.token_flops(cfg, lp + t), "hbm_bytes": flops.decode_step_bytes(weights, shard, kv),
                  "kv_cache_bytes": kv}
     shapes = {"rows": rows, "prompt_len": lp, "new_tokens": t, "images": images}
     return Program(
-        name, stage, compile_fn(name, lower), arguments=_bytes_by_name(params=parts.params, batch=(prompts, key)),
+        name, stage, compile_fn(name, lower), arguments=_bytes_by_name(params=params, batch=(prompts, key)),
         live_outside=live_outside, shapes=shapes,
         flops=flops.generation_flops(cfg, rows=rows, prompt_len=lp, new_tokens=t, images=images,
                                      patches_per_image=patches_per_image),
@@ -326,7 +402,8 @@ def _total_bytes(tree) -> int:
     return int(sum(int(np.prod(x.shape, dtype=np.int64)) * x.dtype.itemsize for x in jax.tree.leaves(tree)))
 
 
-PROGRAMS = ("sft_step", "grpo_generation", "reference_logprobs", "grpo_update", "eval_generation")
+PROGRAMS = ("sft_step", "policy_reshard", "grpo_generation", "grpo_generation_training_mesh", "reference_logprobs",
+            "grpo_update", "eval_generation")
 
 
 def build_all(parts: RunParts, only: tuple[str, ...] | None = None,

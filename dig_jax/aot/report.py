@@ -19,7 +19,8 @@ GIB = 1024 ** 3
 
 
 def _program_row(p: Program, topo: topologies.Topology, chips: int, hbm: int) -> dict:
-    row = {"name": p.name, "stage": p.stage, "fits": p.result.fits, "refusal": p.result.refusal,
+    row = {"name": p.name, "stage": p.stage, "comparison": p.comparison, "fits": p.result.fits,
+           "refusal": p.result.refusal,
            "compile_s": round(p.result.seconds, 2), "shapes": p.shapes, "flops": p.flops,
            "arguments": p.arguments, "live_outside": p.live_outside, "notes": list(p.notes)}
     if p.per_token is not None:
@@ -60,8 +61,9 @@ def build(topo: topologies.Topology, num_slices: int, parts: RunParts, programs:
     """The plan as a JSON-able dict (see the module docstring for the verdict)."""
     chips = topo.chips * num_slices
     rows = [_program_row(p, topo, chips, hbm) for p in programs]
-    refused = [r["name"] for r in rows if not r["fits"]]
-    fitting = [r for r in rows if r["fits"]]
+    run_rows = [r for r in rows if not r["comparison"]]  # what the run executes decides the verdict
+    refused = [r["name"] for r in run_rows if not r["fits"]]
+    fitting = [r for r in run_rows if r["fits"]]
     worst = max(fitting, key=lambda r: r["live_at_once"]) if fitting else None
     over = [r["name"] for r in fitting if r["live_at_once"] > hbm]
     if refused or over:
@@ -83,8 +85,35 @@ def build(topo: topologies.Topology, num_slices: int, parts: RunParts, programs:
         "live_at_once": worst["live_at_once"] if worst else None,
         "margin_bytes": hbm - worst["live_at_once"] if worst and not refused else None,
         "peak_pct_of_hbm": worst["live_pct_of_hbm"] if worst else None,
+        "sampling_layout": None if parts.layout is None else {k: int(v) for k, v in parts.layout.mesh.shape.items()},
+        "rollout": rollout_estimate(rows),
         "notes": notes,
     }
+
+
+def rollout_estimate(rows: list[dict]) -> dict | None:
+    """The rollout's roofline per GRPO iteration: the copy into the sampling layout (when there is one)
+    plus the generation at its longest; beside it, the generation on the training mesh. Each with its
+    decode step's collective bytes (received per chip, `analysis.wire_bytes`) and KV cache per chip.
+    None when the generation was not compiled."""
+    by_name = {r["name"]: r for r in rows if r["fits"]}
+    if "grpo_generation" not in by_name:
+        return None
+
+    def decode(r: dict) -> dict:
+        return {"ici_bytes_per_step": r["per_token"]["ici_bytes"], "kv_cache_bytes_per_chip": r["kv_cache_bytes_per_chip"],
+                "step_s": r["per_token"]["roofline"]["bound_s"], "generation_s": r["roofline"]["bound_s"]}
+
+    out = {"sampling": decode(by_name["grpo_generation"]), "rows": by_name["grpo_generation"]["shapes"]["rows"],
+           "new_tokens": by_name["grpo_generation"]["shapes"]["new_tokens"]}
+    reshard = by_name.get("policy_reshard")
+    out["reshard_bytes"] = reshard["collectives_per_call"]["ici_received"] if reshard else 0
+    out["reshard_s"] = reshard["roofline"]["bound_s"] if reshard else 0.0
+    out["total_s"] = out["reshard_s"] + out["sampling"]["generation_s"]
+    if "grpo_generation_training_mesh" in by_name:
+        out["training_mesh"] = decode(by_name["grpo_generation_training_mesh"])
+        out["speedup"] = out["training_mesh"]["generation_s"] / out["total_s"]
+    return out
 
 
 def _bytes(x) -> str:
@@ -118,12 +147,13 @@ def markdown(plan: dict) -> str:
               "% HBM | compile | FLOPs/call | roofline/call | collectives/call (operand; ICI in) |",
               "|" + "---|" * 13]
     for r in plan["programs"]:
+        name = f"{r['name']} (not run)" if r.get("comparison") else r["name"]
         if not r["fits"]:
-            lines.append(f"| {r['name']} | {r['shapes']['rows']} | DOES NOT FIT: {r['refusal']} |" + " |" * 10)
+            lines.append(f"| {name} | {r['shapes']['rows']} | DOES NOT FIT: {r['refusal']} |" + " |" * 10)
             continue
         m, roof = r["memory"], r["roofline"]
         lines.append(
-            f"| {r['name']} | {r['shapes']['rows']} | {_bytes(m['arguments'])} | {_bytes(m['temporaries'])} | "
+            f"| {name} | {r['shapes']['rows']} | {_bytes(m['arguments'])} | {_bytes(m['temporaries'])} | "
             f"{_bytes(m['outputs'])} | {_bytes(m['peak'])} | {_bytes(sum(r['live_outside'].values()))} | "
             f"{_bytes(r['live_at_once'])} | {r['live_pct_of_hbm']:.1f} | {r['compile_s']:.1f} s | {r['flops']:.3g} | "
             f"{_seconds(roof['bound_s'])} ({roof['bound']}) | {_bytes(r['collectives_per_call']['operand'])}; "
@@ -135,6 +165,7 @@ def markdown(plan: dict) -> str:
             t = r["per_token"]
             lines.append(f"| {r['name']} | {t['flops']:.3g} | {_bytes(t['hbm_bytes'])} | {_bytes(t['ici_bytes'])} | "
                          f"{_seconds(t['roofline']['bound_s'])} ({t['roofline']['bound']}) |")
+    lines += _rollout_lines(plan)
     margin = "" if plan["margin_bytes"] is None else (
         f": {_bytes(plan['live_at_once'])} live at most ({plan['worst_program']}), "
         f"{plan['peak_pct_of_hbm']:.1f}% of HBM, margin {_bytes(plan['margin_bytes'])}")
@@ -144,6 +175,28 @@ def markdown(plan: dict) -> str:
     if notes:
         lines += ["", "Notes:"] + [f"- {n}" for n in notes]
     return "\n".join(lines) + "\n"
+
+
+def _rollout_lines(plan: dict) -> list[str]:
+    ro = plan.get("rollout")
+    if not ro:
+        return []
+    where = ("training mesh" if plan["sampling_layout"] is None else
+             "sampling layout " + " x ".join(f"{k}={v}" for k, v in plan["sampling_layout"].items()))
+    lines = ["", f"Rollout per iteration ({ro['rows']} rows x {ro['new_tokens']} new tokens at most), roofline:", "",
+             "| decoding on | reshard bytes in / chip | ICI bytes in / chip / decode step | KV cache / chip | "
+             "decode step | rollout |", "|---|---|---|---|---|---|"]
+
+    def line(name, d, reshard, total):
+        return (f"| {name} | {reshard} | {_bytes(d['ici_bytes_per_step'])} | {_bytes(d['kv_cache_bytes_per_chip'])} | "
+                f"{_seconds(d['step_s'])} | {_seconds(total)} |")
+
+    lines.append(line(where, ro["sampling"], _bytes(ro["reshard_bytes"]) if ro["reshard_bytes"] else "-", ro["total_s"]))
+    if "training_mesh" in ro:
+        t = ro["training_mesh"]
+        lines.append(line("training mesh (not run)", t, "-", t["generation_s"]))
+        lines += ["", f"Sampling layout: {ro['speedup']:.1f}x faster rollout by the roofline."]
+    return lines
 
 
 def write(plan: dict, workdir: str) -> tuple[str, str]:

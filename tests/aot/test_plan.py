@@ -39,7 +39,7 @@ def small_plan(tmp_path_factory):
     plan.configure_environment()
     workdir = str(tmp_path_factory.mktemp("aot_small"))
     out = plan.plan(_small_run(), "v5e-4", workdir, image_size=tiny_config.RESOLUTION,
-                    only=("grpo_generation", "grpo_update"))
+                    only=("policy_reshard", "grpo_generation", "grpo_generation_training_mesh", "grpo_update"))
     return out, workdir
 
 
@@ -61,14 +61,31 @@ def test_the_small_run_fits_and_reports_its_programs(small_plan):
     assert (out["chips"], out["hosts"], out["mesh"]) == (4, 1, {"data": 1, "fsdp": 4, "tensor": 1})
     assert out["hbm_per_chip"] == int(15.75 * GIB) and out["hbm_source"] == "compiler"
     programs = {p["name"]: p for p in out["programs"]}
-    assert list(programs) == ["grpo_generation", "grpo_update"]
-    update, gen = programs["grpo_update"], programs["grpo_generation"]
+    assert list(programs) == ["policy_reshard", "grpo_generation", "grpo_generation_training_mesh", "grpo_update"]
+    update, gen, reshard = programs["grpo_update"], programs["grpo_generation"], programs["policy_reshard"]
     assert update["shapes"]["rows"] == 4 and gen["shapes"]["rows"] == 8 and gen["shapes"]["new_tokens"] == 12
-    # live at once = the compiled peak + the resident state that is not an argument
-    assert gen["live_at_once"] == gen["memory"]["peak"] + out["resident"]["opt_state"] + out["resident"]["reference"]
+    # "auto" on one host of 4 chips with 2 KV heads: tensor groups of 2, the 8 rows over a data axis of 2
+    assert out["sampling_layout"] == {"data": 2, "fsdp": 1, "tensor": 2}
+    # live at once = the compiled peak + the resident state that is not an argument (the generation reads
+    # the sampling copy: the training parameters stay live beside it)
+    resident = out["resident"]
+    assert gen["live_at_once"] == gen["memory"]["peak"] + resident["params"] + resident["opt_state"] + resident[
+        "reference"]
+    assert reshard["live_at_once"] == reshard["memory"]["peak"] + resident["opt_state"] + resident["reference"]
     rollout = sum(v for k, v in update["live_outside"].items() if k.startswith("rollout."))
     assert rollout > 0 and update["live_at_once"] == update["memory"]["peak"] + out["resident"]["reference"] + rollout
-    assert out["live_at_once"] == max(gen["live_at_once"], update["live_at_once"])
+    compared = programs["grpo_generation_training_mesh"]
+    assert compared["comparison"] and not gen["comparison"]  # compiled to compare, outside the verdict
+    assert out["live_at_once"] == max(p["live_at_once"] for p in (reshard, gen, update))
+    # The copy moves the policy once (float32 -> the tiny run's float32 compute dtype, half a copy per
+    # chip on tensor=2); a decode step on the sampling layout moves far less than on the FSDP mesh.
+    ro = out["rollout"]
+    assert ro["reshard_bytes"] == reshard["collectives_per_call"]["ici_received"] > 0
+    assert ro["sampling"]["ici_bytes_per_step"] < ro["training_mesh"]["ici_bytes_per_step"] / 4
+    assert gen["collectives"]["per_unknown_iteration"].get("all-gather", 0) < 1024  # no weights (KiBs at least)
+    assert compared["collectives"]["per_unknown_iteration"]["all-gather"] > 100 * 1024
+    assert ro["sampling"]["kv_cache_bytes_per_chip"] == ro["training_mesh"]["kv_cache_bytes_per_chip"]
+    assert ro["total_s"] == ro["reshard_s"] + ro["sampling"]["generation_s"] and ro["speedup"] > 1
     assert out["margin_bytes"] == out["hbm_per_chip"] - out["live_at_once"] > 0
     # FSDP: weights are gathered for the forward, gradients reduced back to their shards
     assert update["collectives"]["counted"].get("all-gather", 0) > 0
@@ -86,7 +103,8 @@ def test_the_small_run_fits_and_reports_its_programs(small_plan):
         assert json.load(f)["verdict"] == "FITS"
     with open(os.path.join(workdir, "aot_plan.md")) as f:
         md = f.read()
-    assert "**FITS**" in md and "| grpo_update | 4 |" in md
+    assert "**FITS**" in md and "| grpo_update | 4 |" in md and "| grpo_generation_training_mesh (not run) | 8 |" in md
+    assert "| sampling layout data=2 x fsdp=1 x tensor=2 |" in md
 
 
 def test_the_updates_arguments_are_the_parameters_and_optimiser_state_per_chip(small_plan, tmp_path):
