@@ -19,6 +19,14 @@ Times are medians over `repeats` iterations after one warm-up iteration (which c
 time is printed as `compile_s`). A randomly initialised policy rarely samples EOS, so rollouts run to
 `new_tokens`: these are worst-case rollout lengths.
 
+With `--demo-dir=DIR` (the workdir of a finished `python -m dig_jax.demo` run, e.g. `make demo`'s demo_out)
+it measures instead the demo's own GRPO iterations, through `grpo.grpo_iteration` itself: the policy
+restored from the demo's warm-up checkpoint (step sft.steps), real batches of its first curriculum phase,
+and for each batch one iteration with response-length buckets (`grpo.response_bucket`, 64) and one
+without (every iteration scores all grpo.max_new_tokens = 80 positions), from the same parameters and
+key, so both sample the same answers and differ only in the positions the reference scoring and the
+update run over. Trained answers end early (~35 tokens), which a random policy's never do.
+
 On a GPU (`--gpu`, or automatically when the default device is one) the same measurement runs on the
 Qwen3-VL-2B shape in bfloat16 (float32 parameters by default) and reports the model FLOPs utilisation
 of the SFT step and of the GRPO update (6 x parameters x tokens, see `_common.train_flops`).
@@ -26,6 +34,7 @@ of the SFT step and of the GRPO update (6 x parameters x tokens, see `_common.tr
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import statistics
 import sys
@@ -94,8 +103,7 @@ def grpo_iteration_timed(graphdef, tx, params, opt_state, reference, batch, key,
                          prompt_bucket, chunk, sampling_config, reward_config, loss_config):
     """The work of `grpo.grpo_iteration` with one minibatch, each part blocked on before its clock stops.
 
-    (`grpo.grpo_iteration` does not wait for the reference log-probs before reading the clock, so under
-    asynchronous dispatch their time is booked to the update; here scoring includes them.)
+    (The scoring clock includes the reference log-probs, as in `grpo.grpo_iteration`.)
     Returns (params, opt_state, {"rollout", "scoring", "update"} seconds, mean completion length).
     """
     model = nnx.merge(graphdef, params)
@@ -116,6 +124,61 @@ def grpo_iteration_timed(graphdef, tx, params, opt_state, reference, batch, key,
         raise RuntimeError(f"GRPO loss is {float(out['loss'])}")
     length = float(np.asarray(jax.device_get(ro.completions.mask)).sum(axis=1).mean())
     return params, opt_state, seconds, length
+
+
+# ----------------------------------------------------------------------------------------------------
+# The demo's GRPO iterations, with and without response-length buckets
+# ----------------------------------------------------------------------------------------------------
+
+DEMO_COLUMNS = ["variant", "scored_positions", "response_length", "rollout_s", "scoring_s", "update_s", "iteration_s",
+                "vs_cap"]
+
+
+def demo_bucket_split(demo_dir: str, iterations: int) -> list[dict]:
+    """Median seconds of the demo's GRPO iteration parts with buckets and at the cap (module docstring)."""
+    from configs import demo_cpu
+    from dig_jax import assemble
+    from dig_jax.training import setup as training_setup
+
+    c = demo_cpu.get_config()
+    c.data.train_files = os.path.join(demo_dir, "data", "train", "*.array_record")
+    c.data.eval_files = os.path.join(demo_dir, "data", "eval", "*.array_record")
+    run_dir = os.path.join(demo_dir, "run")
+    if not os.path.isdir(os.path.join(run_dir, "checkpoints", str(c.sft.steps))):
+        raise FileNotFoundError(f"--demo-dir: no warm-up checkpoint {run_dir}/checkpoints/{c.sft.steps} "
+                                "(run `python -m dig_jax.demo --workdir=DIR` first)")
+    run = training_setup.setup(c, run_dir)
+    model, _ = assemble.restore_model(c, run_dir, run.model_cfg, run.mesh, step=c.sft.steps,
+                                      patches_per_image=run.builder.patches_per_image)
+    params = nnx.state(model, nnx.Param)
+    tx = training_state.optimizer_for(c, "grpo", params)
+    data = training_state.data_iterator(run, "grpo", run.curriculum.initial_state())
+    cap = int(c.grpo.max_new_tokens)
+    variants = {"buckets": run.grpo, "cap": dataclasses.replace(run.grpo, response_buckets=(cap,))}
+    times = {name: [] for name in variants}
+    for i in range(iterations + 1):  # the first iteration of each variant compiles: not timed
+        batch, key = next(data), jax.random.key(i)
+        for name, setup in variants.items():
+            state = jax.tree.map(lambda x: x.copy(), params)  # the update donates its state
+            opt_state = training_state.init_optimizer_state(tx, state, run.mesh)
+            reference = training_state.fresh_reference(c, "grpo", state)
+            with sharding.activate(run.mesh):
+                _, _, metrics = grpo.grpo_iteration(setup, tx, state, opt_state, reference, batch, key)
+            if i:
+                times[name].append(metrics)
+        print(f"demo GRPO iteration {i}/{iterations}: longest answer scored over "
+              f"{times['buckets'][-1]['grpo/scored_length'] if i else '-'} positions", flush=True)
+    rows = []
+    for name, runs in times.items():
+        median = lambda key: statistics.median(m[key] for m in runs)  # noqa: E731
+        parts = {part: median(f"time/{part}") for part in ("rollout", "scoring", "update")}
+        rows.append({"variant": name, "scored_positions": median("grpo/scored_length"),
+                     "response_length": median("grpo/response_length"),
+                     **{f"{part}_s": v for part, v in parts.items()},
+                     "iteration_s": statistics.median(sum(m[f"time/{p}"] for p in parts) for m in runs)})
+    for row in rows:
+        row["vs_cap"] = row["iteration_s"] / rows[-1]["iteration_s"]
+    return rows
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -248,6 +311,8 @@ def parse_args(argv):
     p.add_argument("--gpu-smoke", action="store_true", help="the GPU code path (bf16 + MFU) on qwen3_vl_tiny")
     p.add_argument("--gpu-param-dtype", default="float32", choices=tuple(DTYPES))
     p.add_argument("--peak-tflops", type=float, default=None)
+    p.add_argument("--demo-dir", default="", help="a finished demo's workdir: time its GRPO iterations with and "
+                                                  "without response-length buckets instead")
     p.add_argument("--json", default="")
     return p.parse_args(argv)
 
@@ -257,6 +322,13 @@ def main(argv=None) -> list[dict]:
     on_gpu = jax.devices()[0].platform == "gpu"
     print(f"# train_step  jax {jax.__version__} on {jax.devices()[0].device_kind}; {_common.machine_line()}",
           flush=True)
+    if a.demo_dir:
+        rows = demo_bucket_split(a.demo_dir, a.repeats)
+        print(f"\n## the demo's GRPO iteration (s, median of {a.repeats} after a warm-up), with and without "
+              f"response-length buckets; {_common.machine_line()}")
+        print(_common.markdown_table(rows, DEMO_COLUMNS, {"vs_cap": ".2f"}))
+        _common.write_json(a.json, rows)
+        return rows
     if a.quick:
         jobs = [("qwen3_vl_tiny", (1, 2, 4), "float32", "float32", 1, 64)]
     elif a.gpu_smoke:

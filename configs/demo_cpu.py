@@ -64,6 +64,8 @@ def get_config(arg=None):
     c.grpo.group_size = 4
     c.grpo.max_new_tokens = 80  # a two-box answer takes 75 tokens (checked at start-up)
     c.grpo.scoring_chunk = 16
+    # Buckets (48, 80): a one-box answer (~38 tokens) is scored over 48 positions, a two-box one over 80.
+    c.grpo.response_bucket = 48
 
     c.curriculum.phases = [
         {"name": "one_difference", "selection": [[[1], 1.0]], "max_steps": 100, "reward_threshold": 0.8,
