@@ -38,7 +38,7 @@ from typing import Sequence
 import jax
 import jax.numpy as jnp
 from flax import nnx
-from jax.sharding import Mesh
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from dig_jax import sharding
 
@@ -158,7 +158,10 @@ class SamplingLayout:
         into this layout; `.lower(params)` lowers it."""
         leaves, treedef = jax.tree.flatten(params)
         targets = jax.tree.leaves(sharding.state_shardings(params, self.mesh))
-        return _reshard_fn(treedef, tuple(x.sharding for x in leaves), tuple(targets), self.dtype)
+        variables = jax.tree.leaves(params, is_leaf=lambda x: isinstance(x, nnx.Variable))
+        stacked = tuple((v.get_metadata().get(sharding.LOGICAL_AXES_KEY) or (None,))[0] == sharding.LAYERS_AXIS
+                        for v in variables)
+        return _reshard_fn(treedef, tuple(x.sharding for x in leaves), tuple(targets), stacked, self.dtype)
 
     def policy(self, params: nnx.State) -> nnx.State:
         """The policy's parameters in the sampling layout: one jitted transfer (counted in RESHARD_CALLS)."""
@@ -181,13 +184,22 @@ def _move_fn(targets: tuple):
 
 
 @functools.lru_cache(maxsize=16)
-def _reshard_fn(treedef, sources: tuple, targets: tuple, dtype: jnp.dtype):
+def _reshard_fn(treedef, sources: tuple, targets: tuple, stacked: tuple, dtype: jnp.dtype):
     """One jitted copy per (parameter tree, source and target shardings, dtype), so each iteration's copy
     reuses the compiled transfer. Floating parameters are cast where they are, in the training layout,
-    so the transfer moves `dtype` bytes."""
+    so the transfer moves `dtype` bytes. The two meshes differ in shape, and XLA moves an array between
+    them by replicating it first: a stacked parameter (leading `layers` axis) is therefore copied one
+    layer at a time (`lax.map`), so at most one layer of it is ever whole on a chip, not the model."""
+    def copy_one(x, src, dst, is_stacked):
+        cast = x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x
+        if not is_stacked:
+            return jax.lax.with_sharding_constraint(jax.lax.with_sharding_constraint(cast, src), dst)
+        layer_src, layer_dst = _layer_sharding(src), _layer_sharding(dst)
+        return jax.lax.map(lambda layer: jax.lax.with_sharding_constraint(
+            jax.lax.with_sharding_constraint(layer, layer_src), layer_dst), cast)
+
     def copy(leaves):
-        return [jax.lax.with_sharding_constraint(x.astype(dtype), src) if jnp.issubdtype(x.dtype, jnp.floating)
-                else x for x, src in zip(leaves, sources)]
+        return [copy_one(*args) for args in zip(leaves, sources, targets, stacked)]
 
     jitted = jax.jit(copy, out_shardings=list(targets))
 
@@ -196,3 +208,8 @@ def _reshard_fn(treedef, sources: tuple, targets: tuple, dtype: jnp.dtype):
 
     reshard.lower = lambda params: jitted.lower(jax.tree.leaves(params))  # for the AOT plan
     return reshard
+
+
+def _layer_sharding(stacked: NamedSharding) -> NamedSharding:
+    """The sharding of one layer of a stacked parameter (its spec without the unsharded layer axis)."""
+    return NamedSharding(stacked.mesh, PartitionSpec(*tuple(stacked.spec)[1:]))
