@@ -160,11 +160,17 @@ def count_compiles():
 
 
 def run_training(c, workdir: str, recorded: Recorded) -> RunResult:
+    import jax
+
     from dig_jax import assemble
     from dig_jax.rl import rewards, update
     from dig_jax.training import train
 
     names = ("sft_step", "grpo_step", "reference_logprobs")
+    # The counts are this run's: an earlier test of the session may have traced a step with the same
+    # static arguments and shapes (reference_logprobs' are only the graphdef and the chunk), and its
+    # cached executable would hide this run's trace.
+    jax.clear_caches()
     traces = dict(update.TRACE_COUNTS)
     reward_fn = recorded.wrap(rewards.reward_fn_from_config(c.reward, assemble.model_family(c)))
     with count_compiles() as compiles:
