@@ -19,7 +19,6 @@ the reward then come from the same predicted boxes and the same matching. Under 
 from __future__ import annotations
 
 import collections
-import json
 import os
 from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING
@@ -30,13 +29,12 @@ import numpy as np
 from data_pipeline.differences import KINDS
 from dig_jax import assemble, multihost
 from dig_jax.config_validation import ConfigError
-from dig_jax.eval.visualize import draw_prediction, image_grid
-from dig_jax.generate import sampler
-from dig_jax.generate.batch import prompt_batch
+from dig_jax.eval.greedy import GreedyAnswers
+from dig_jax.eval.outputs import write_outputs
+from dig_jax.eval.visualize import draw_prediction
 from dig_jax.models.config import ModelConfig
 from dig_jax.processing.examples import ExampleBuilder
 from dig_jax.rl import rewards
-from dig_jax.rl.grpo import decode_texts
 
 if TYPE_CHECKING:  # the registry imports this module for its entry
     from dig_jax.eval.registry import EvalContext
@@ -112,19 +110,20 @@ class DigEvaluator:
     dataset: this process's share of the pairs as local batches; re-iterable (each `iter` starts over).
     rows_per_process: the local batch size the lockstep pass pads every round to.
     max_pairs: score at most this many pairs (None: all).
+    patches_per_image: of every held-out image (the model can attend per image of that many patches).
     """
     name = "dig"
 
     def __init__(self, *, model_cfg: ModelConfig, tokenizer, dataset: Iterable[dict], rows_per_process: int,
                  reward_config: rewards.RewardConfig, max_new_tokens: int, num_visualise: int,
-                 prompt_bucket: int, mesh=None, max_pairs: int | None = None):
+                 prompt_bucket: int, mesh=None, max_pairs: int | None = None, patches_per_image: int | None = None):
         self.model_cfg, self.tokenizer, self.mesh = model_cfg, tokenizer, mesh
         self.dataset, self.rows_per_process = dataset, rows_per_process
         self.reward_config, self.max_pairs = reward_config, max_pairs
         self.num_visualise, self.prompt_bucket = num_visualise, prompt_bucket
-        self.greedy = sampler.SamplingConfig(max_new_tokens=max_new_tokens, temperature=0.0,
-                                             eos_token_ids=(model_cfg.eos_token_id,),
-                                             pad_token_id=model_cfg.pad_token_id)
+        self.patches_per_image = patches_per_image  # of the held-out images
+        self.greedy = GreedyAnswers(model_cfg, tokenizer, max_new_tokens=max_new_tokens,
+                                    prompt_bucket=prompt_bucket, mesh=mesh)
 
     @classmethod
     def from_context(cls, ctx: EvalContext) -> "DigEvaluator":
@@ -143,7 +142,8 @@ class DigEvaluator:
                    reward_config=rewards.RewardConfig.from_config(c.reward, ctx.model_cfg.family,
                                                                   c.data.chat_template),
                    max_new_tokens=c.eval.max_new_tokens, num_visualise=c.eval.num_visualise,
-                   prompt_bucket=c.data.prompt_bucket, mesh=ctx.mesh, max_pairs=c.eval.num_pairs)
+                   prompt_bucket=c.data.prompt_bucket, mesh=ctx.mesh, max_pairs=c.eval.num_pairs,
+                   patches_per_image=builder.patches_per_image)
 
     def batches(self):
         """A fresh pass: the global batches, padded rows marked by `valid` (hosts stay in step even when
@@ -152,10 +152,7 @@ class DigEvaluator:
 
     def answers(self, model, batch: dict) -> list[str]:
         """The greedy answer to every row of the global `batch` (padding rows included)."""
-        prompts = prompt_batch(self.model_cfg, batch, mesh=self.mesh, prompt_bucket=self.prompt_bucket)
-        gen = sampler.generate(model, prompts, jax.random.key(0), self.greedy)
-        tokens, mask = multihost.to_host(gen.tokens), multihost.to_host(gen.completion_mask)  # int[B, T] each
-        return decode_texts(self.tokenizer, tokens, mask)
+        return self.greedy.answer(model, batch)
 
     def evaluate(self, model, *, step: int, out_dir: str) -> dict[str, float]:
         """Writes predictions.jsonl, predictions.png and metrics.json into `out_dir`; returns the metrics."""
@@ -189,7 +186,7 @@ class DigEvaluator:
                 break
         metrics = acc.result()
         if jax.process_index() == 0:
-            _write(out_dir, lines, metrics, panels)
+            write_outputs(out_dir, lines, metrics, panels)
         return metrics
 
 
@@ -212,12 +209,3 @@ def score_pair(text: str, batch: dict, i: int, reward_config: rewards.RewardConf
     found[scored.gt_index[ious >= IOU_THRESHOLD]] = True
     return {"gt": gt, "pred": pred, "ious": ious, "found": found, "gt_kinds": gt_kinds,
             "format_ok": bool(scored.metrics["format_ok"]), "reward": scored.metrics["reward"]}
-
-
-def _write(out_dir: str, lines: list[dict], metrics: dict, panels: list) -> None:
-    with open(os.path.join(out_dir, "predictions.jsonl"), "w") as f:
-        f.writelines(json.dumps(line) + "\n" for line in lines)
-    with open(os.path.join(out_dir, "metrics.json"), "w") as f:
-        json.dump(metrics, f, indent=2, sort_keys=True)
-    if panels:
-        image_grid(panels).save(os.path.join(out_dir, "predictions.png"))

@@ -40,3 +40,23 @@ def image_grid(panels: list[Image.Image], columns: int = 2) -> Image.Image:
     for i, p in enumerate(panels):
         grid.paste(p, ((i % columns) * (w + GRID_GAP), (i // columns) * (h + GRID_GAP)))
     return grid
+
+
+def draw_grounding(image: np.ndarray, gt: np.ndarray, pred: np.ndarray, caption: str,
+                   max_side: int = 256) -> Image.Image:
+    """One image uint8[H, W, 3] (shrunk to fit `max_side`) with the true box float[4] in green, the
+    predicted box float[4] (or none: float[0]) in red, and `caption` (the expression, the IoU) written
+    below; every panel has the same size, max_side x (max_side + 28), so that `image_grid` can tile them."""
+    h, w = image.shape[:2]
+    s = min(1.0, max_side / max(h, w))
+    size = (max(1, round(w * s)), max(1, round(h * s)))
+    panel = Image.fromarray(image).resize(size, Image.BILINEAR)
+    canvas = Image.new("RGB", (max_side, max_side + 28), (255, 255, 255))
+    canvas.paste(panel, (0, 0))
+    draw = ImageDraw.Draw(canvas)
+    for box, color in ((gt, GT_COLOR), (pred, PRED_COLOR)):
+        if len(box):
+            x0, y0, x1, y1 = (float(v) * s for v in box)
+            draw.rectangle([x0, y0, max(x0, x1 - 1), max(y0, y1 - 1)], outline=color, width=2)
+    draw.text((2, max_side + 2), caption[:max_side // 6], fill=(0, 0, 0))  # ~6 px per character
+    return canvas
