@@ -184,4 +184,24 @@ def _checkpoint_log_eval(c):
     c.eval.num_visualise = 8
     c.eval.checkpoint_step = -1  # -1: the newest
     c.eval.every = 0  # during training, run the evaluators every N steps (0 = only in --mode=eval)
-    c.eval.evaluators = ("dig",)  # by name (dig_jax.eval.registry.EVALUATORS)
+    c.eval.evaluators = ("dig",)  # by name (dig_jax.eval.registry.EVALUATORS): dig, rec, perception
+    # "rec": referring expressions (RefCOCO / RefCOCO+ / RefCOCOg) from a tensorflow-datasets data_dir made
+    # by `python -m dig_jax.eval.prepare_refcoco` (or a catalogue ref_coco dataset stored as ArrayRecord).
+    c.eval.rec = ml_collections.ConfigDict()
+    c.eval.rec.data_dir = ""
+    c.eval.rec.splits = ("refcoco_unc/val", "refcoco_unc/testA", "refcoco_unc/testB", "refcocoplus_unc/val",
+                         "refcocoplus_unc/testA", "refcocoplus_unc/testB", "refcocog_umd/val", "refcocog_umd/test")
+    c.eval.rec.prompt = ""  # "" = the family's published grounding prompt; else a template with {expr}
+    c.eval.rec.image_size = 640  # the square letterbox canvas (COCO images keep their pixels at 640)
+    c.eval.rec.max_text_tokens = 96  # the longest prompt text (prompt + expression) in tokens
+    c.eval.rec.max_new_tokens = 128
+    c.eval.rec.max_examples = 0  # sentences per split (0 = all)
+    # "perception": question-answering benchmarks from JSONL files, each "kind:path" with kind yesno
+    # (POPE-style), mcq (multiple choice) or mmvp (multiple choice scored also by pairs); see
+    # dig_jax/eval/perception.py for the record fields.
+    c.eval.perception = ml_collections.ConfigDict()
+    c.eval.perception.benchmarks = ()
+    c.eval.perception.image_size = 448  # the square letterbox canvas
+    c.eval.perception.max_text_tokens = 256
+    c.eval.perception.max_new_tokens = 32
+    c.eval.perception.max_examples = 0  # questions per benchmark (0 = all)

@@ -228,6 +228,55 @@ def _check_reward_eval_and_logging(c) -> None:
     if isinstance(evaluators, str) or not isinstance(evaluators, (tuple, list)) or not evaluators \
             or not all(isinstance(name, str) and name for name in evaluators):
         _fail("eval.evaluators", f"must be a non-empty tuple of evaluator names (strings), got {evaluators!r}")
+    if "rec" in evaluators:
+        _check_rec(c)
+    if "perception" in evaluators:
+        _check_perception(c)
     guard = _value(c, "log.transfer_guard")
     if guard not in ("allow", "log", "disallow"):
         _fail("log.transfer_guard", f"{guard!r} is not 'allow', 'log' or 'disallow'")
+
+
+def _check_question_sizes(c, section: str) -> None:
+    for name in ("image_size", "max_text_tokens", "max_new_tokens"):
+        value = _value(c, f"{section}.{name}")
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            _fail(f"{section}.{name}", f"must be a positive int, got {value!r}")
+    value = _value(c, f"{section}.max_examples")
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        _fail(f"{section}.max_examples", f"must be an int >= 0 (0 = all), got {value!r}")
+
+
+def _check_rec(c) -> None:
+    """The REC evaluator's section (only when `eval.evaluators` lists "rec")."""
+    from dig_jax.eval import refer  # lazily: the evaluators' modules are not needed for training alone
+
+    data_dir = _value(c, "eval.rec.data_dir")
+    if not isinstance(data_dir, str) or not data_dir:
+        _fail("eval.rec.data_dir", "the REC evaluator needs the directory prepared by python -m "
+                                   "dig_jax.eval.prepare_refcoco --manual_dir=... --data_dir=...")
+    splits = _value(c, "eval.rec.splits")
+    known = [f"{name}/{split}" for name, (_, _, splits_) in refer.DATASETS.items() for split in splits_]
+    if isinstance(splits, str) or not isinstance(splits, (tuple, list)) or not splits:
+        _fail("eval.rec.splits", f"must be a non-empty tuple of split names from {known}, got {splits!r}")
+    for split in splits:
+        if split not in known:
+            _fail("eval.rec.splits", f"{split!r} is not one of {known}")
+    prompt = _value(c, "eval.rec.prompt")
+    if not isinstance(prompt, str) or (prompt and "{expr}" not in prompt):
+        _fail("eval.rec.prompt", f"must be empty (the family's prompt) or contain {{expr}}, got {prompt!r}")
+    _check_question_sizes(c, "eval.rec")
+
+
+def _check_perception(c) -> None:
+    """The perception evaluator's section (only when `eval.evaluators` lists "perception")."""
+    from dig_jax.eval import perception
+
+    benchmarks = _value(c, "eval.perception.benchmarks")
+    if isinstance(benchmarks, str) or not isinstance(benchmarks, (tuple, list)) or not benchmarks:
+        _fail("eval.perception.benchmarks", f"must be a non-empty tuple of 'kind:path' strings, got {benchmarks!r}")
+    for entry in benchmarks:
+        kind, sep, path = str(entry).partition(":")
+        if not sep or kind not in perception.KINDS or not path:
+            _fail("eval.perception.benchmarks", f"{entry!r} is not 'kind:path' with kind one of {perception.KINDS}")
+    _check_question_sizes(c, "eval.perception")

@@ -20,6 +20,8 @@ import ml_collections
 
 from dig_jax.config_validation import ConfigError
 from dig_jax.eval.dig import DigEvaluator
+from dig_jax.eval.perception import PerceptionEvaluator
+from dig_jax.eval.rec import RecEvaluator
 from dig_jax.models.config import ModelConfig
 
 
@@ -50,12 +52,17 @@ class Evaluator(Protocol):
     `out_dir` (only process 0 writes on a pod) and returns scalar metrics, the same on every process.
     """
     name: str
+    patches_per_image: int | None  # of every image it feeds the model (None: images of several sizes)
 
     def evaluate(self, model, *, step: int, out_dir: str) -> dict[str, float]:
         ...
 
 # name -> (EvalContext -> Evaluator). A new evaluator is a module of this package and an entry here.
-EVALUATORS: dict[str, Callable[[EvalContext], Evaluator]] = {"dig": DigEvaluator.from_context}
+EVALUATORS: dict[str, Callable[[EvalContext], Evaluator]] = {
+    "dig": DigEvaluator.from_context,  # held-out DiG pairs
+    "rec": RecEvaluator.from_context,  # RefCOCO / RefCOCO+ / RefCOCOg (eval.rec)
+    "perception": PerceptionEvaluator.from_context,  # POPE / multiple choice / MMVP JSONL (eval.perception)
+}
 
 DEFAULT_EVALUATORS = ("dig",)
 TOP_LEVEL = "dig"  # the evaluator whose outputs stay directly in eval/step_N/
@@ -77,6 +84,13 @@ def build_evaluators(ctx: EvalContext) -> list[Evaluator]:
     """The evaluators `ctx.c.eval.evaluators` names, in that order, each built once (its data pipeline
     included) so that it can run many times."""
     return [EVALUATORS[name](ctx) for name in evaluator_names(ctx.c)]
+
+
+def common_patches_per_image(evaluators: Sequence[Evaluator]) -> int | None:
+    """The patch count every evaluator's images share, so the model can attend per image; None when
+    they differ (the model then attends over the whole batch of images, masked: same result, slower)."""
+    counts = {getattr(e, "patches_per_image", None) for e in evaluators}
+    return counts.pop() if len(counts) == 1 else None
 
 
 def output_dir(workdir: str, step: int, name: str) -> str:

@@ -32,7 +32,7 @@ class _Counting:
 
 
 def test_an_unknown_name_fails_naming_the_field():
-    with pytest.raises(ValueError, match=r"^config\.eval\.evaluators: 'refcoco' is not one of \['dig'\]"):
+    with pytest.raises(ValueError, match=r"^config\.eval\.evaluators: 'refcoco' is not one of \['dig', 'perception', 'rec'\]"):
         registry.build_evaluators(_context("dig", "refcoco"))
     with pytest.raises(ValueError, match=r"^config\.eval\.evaluators: \['dig'\] listed more than once"):
         registry.evaluator_names(_context("dig", "dig").c)
