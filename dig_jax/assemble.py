@@ -253,6 +253,18 @@ def pair_dataset(c: ml_collections.ConfigDict, files: str, builder: ExampleBuild
         transform=builder, shuffle=shuffle, num_epochs=num_epochs, drop_remainder=shuffle)
 
 
+def checkpoint_steps(workdir: str) -> list[int]:
+    """The steps of the training checkpoints in `workdir` (none when it has no checkpoints directory)."""
+    directory = os.path.join(workdir, "checkpoints")
+    if not os.path.isdir(directory):
+        return []
+    ckpt = checkpointing.Checkpointer(directory, save_every=1, keep=10**6, use_async=False)
+    try:
+        return sorted(ckpt.all_steps())
+    finally:
+        ckpt.close()
+
+
 def restore_model(c: ml_collections.ConfigDict, workdir: str, model_cfg: model_config.ModelConfig, mesh,
                   step: int | None = None, patches_per_image: int | None = None) -> tuple[QwenVL, int]:
     """The model of a training checkpoint, its parameters placed directly onto `mesh` (any shape).
@@ -266,7 +278,12 @@ def restore_model(c: ml_collections.ConfigDict, workdir: str, model_cfg: model_c
                           nnx.to_pure_dict(abstract_params), nnx.to_pure_dict(shardings))
     ckpt = checkpointing.Checkpointer(os.path.join(workdir, "checkpoints"), save_every=1, keep=10**6, use_async=False)
     try:
-        step = ckpt.latest_step() if step is None or step < 0 else step
+        steps = ckpt.all_steps()
+        step = max(steps, default=None) if step is None or step < 0 else step
+        if step not in steps:
+            raise FileNotFoundError(f"{workdir}/checkpoints holds steps {sorted(steps)}, not "
+                                    f"{'any' if step is None else step} (config.eval.checkpoint_step; with no "
+                                    "checkpoint, config.model.init_checkpoint=HF_DIR evaluates that model)")
         restored, _ = ckpt.restore({"params": target}, step=step)
     finally:
         ckpt.close()

@@ -2,7 +2,8 @@
 evaluators training runs every `eval.every` steps.
 
 Both modes restore the parameters alone from the workdir's checkpoints onto the mesh the config describes
-(any shape), with the tokenizer and model config the run used.
+(any shape), with the tokenizer and model config the run used; `--mode=eval` on a workdir without
+checkpoints evaluates the HF checkpoint `model.init_checkpoint` itself (a released model, before DiG).
 """
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import os
 import shutil
 
 from dig_jax import assemble
-from dig_jax.eval import dig, registry
+from dig_jax.eval import registry
 from dig_jax.eval.registry import EvalContext, Evaluator
 from dig_jax.models import hf_io
 
@@ -36,18 +37,20 @@ def in_training_evaluators(c, model_cfg, tokenizer, tok_path: str, mesh,
 
 
 def run_eval(c, workdir: str) -> dict:
-    """Evaluates checkpoint `eval.checkpoint_step` (-1: the newest) with every evaluator of `eval.evaluators`.
+    """Evaluates checkpoint `eval.checkpoint_step` (-1: the newest) with every evaluator of `eval.evaluators`;
+    with no checkpoint in `workdir` and an HF `model.init_checkpoint`, evaluates that released model (as
+    step 0), so the "before training" row comes from the same code as the "after" one.
 
     Returns the "dig" evaluator's metrics without prefix (callers read `["f1"]`), and those of any other
     evaluator as "<name>/<key>".
     """
     tok_path, tokenizer, model_cfg = _run_parts(c, workdir)
     mesh = assemble.make_mesh(c)
-    # The model attends per image of the held-out pairs' size (cheaper than whole-batch vision attention).
-    patches = dig.held_out_builder(c, model_cfg, tok_path).patches_per_image
-    evaluators = registry.build_evaluators(EvalContext(c, model_cfg, tokenizer, tok_path, mesh, patches))
-    model, step = assemble.restore_model(c, workdir, model_cfg, mesh, c.eval.checkpoint_step,
-                                         patches_per_image=patches)
+    evaluators = registry.build_evaluators(EvalContext(c, model_cfg, tokenizer, tok_path, mesh))
+    # The model attends per image when every evaluator's images have one patch count (cheaper than
+    # whole-batch vision attention).
+    patches = registry.common_patches_per_image(evaluators)
+    model, step = evaluated_model(c, workdir, model_cfg, mesh, patches)
     flat = registry.run_evaluators(evaluators, model, step, workdir)
     out = {}
     for evaluator in evaluators:
@@ -56,6 +59,16 @@ def run_eval(c, workdir: str) -> dict:
         _report(evaluator.name, step, metrics, registry.output_dir(workdir, step, evaluator.name))
         out.update(metrics if evaluator.name == registry.TOP_LEVEL else {prefix + k: v for k, v in metrics.items()})
     return out
+
+
+def evaluated_model(c, workdir: str, model_cfg, mesh, patches_per_image: int | None):
+    """(model, step): the workdir's checkpoint `eval.checkpoint_step`, or, when the workdir has no
+    checkpoint, the HF checkpoint `model.init_checkpoint` loaded onto `mesh` (step 0)."""
+    if not assemble.checkpoint_steps(workdir) and c.model.init_checkpoint:
+        print(f"no checkpoint in {workdir}: evaluating {c.model.init_checkpoint} as step 0")
+        return assemble.create_model(c, model_cfg, mesh, patches_per_image), 0
+    return assemble.restore_model(c, workdir, model_cfg, mesh, c.eval.checkpoint_step,
+                                  patches_per_image=patches_per_image)
 
 
 def _report(name: str, step: int, metrics: dict, out_dir: str) -> None:
