@@ -224,6 +224,14 @@ def _check_reward_eval_and_logging(c) -> None:
     every = _value(c, "eval.every")
     if isinstance(every, bool) or not isinstance(every, int) or every < 0:
         _fail("eval.every", f"must be an int >= 0 (0 = only in --mode=eval), got {every!r}")
+    validate_evaluators(c)
+    guard = _value(c, "log.transfer_guard")
+    if guard not in ("allow", "log", "disallow"):
+        _fail("log.transfer_guard", f"{guard!r} is not 'allow', 'log' or 'disallow'")
+
+
+def validate_evaluators(c) -> None:
+    """`eval.evaluators` and the sections of those it lists (also what `--mode=eval` checks first)."""
     evaluators = _value(c, "eval.evaluators")
     if isinstance(evaluators, str) or not isinstance(evaluators, (tuple, list)) or not evaluators \
             or not all(isinstance(name, str) and name for name in evaluators):
@@ -232,9 +240,6 @@ def _check_reward_eval_and_logging(c) -> None:
         _check_rec(c)
     if "perception" in evaluators:
         _check_perception(c)
-    guard = _value(c, "log.transfer_guard")
-    if guard not in ("allow", "log", "disallow"):
-        _fail("log.transfer_guard", f"{guard!r} is not 'allow', 'log' or 'disallow'")
 
 
 def _check_question_sizes(c, section: str) -> None:

@@ -12,6 +12,7 @@ import os
 import shutil
 
 from dig_jax import assemble
+from dig_jax.config_validation import validate_evaluators
 from dig_jax.eval import registry
 from dig_jax.eval.registry import EvalContext, Evaluator
 from dig_jax.models import hf_io
@@ -44,6 +45,7 @@ def run_eval(c, workdir: str) -> dict:
     Returns the "dig" evaluator's metrics without prefix (callers read `["f1"]`), and those of any other
     evaluator as "<name>/<key>".
     """
+    validate_evaluators(c)
     tok_path, tokenizer, model_cfg = _run_parts(c, workdir)
     mesh = assemble.make_mesh(c)
     evaluators = registry.build_evaluators(EvalContext(c, model_cfg, tokenizer, tok_path, mesh))

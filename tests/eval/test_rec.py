@@ -12,6 +12,7 @@ import pytest
 from dig_jax import assemble
 from dig_jax.config_validation import ConfigError, validate
 from dig_jax.eval import rec, registry
+from dig_jax.eval.run import run_eval
 from dig_jax.processing import ImageProcessorConfig, build_tiny_tokenizer
 from dig_jax.processing.answers import format_answer, pixels_to_answer
 from dig_jax.processing.questions import QuestionBuilder, QuestionSpec, letterbox
@@ -96,6 +97,16 @@ def test_macro_average_is_the_unweighted_mean_over_splits():
                              "b/test": rec.split_metrics([0.0], [True])})
     assert out["acc@0.5"] == 0.5 and out["invalid_rate"] == 0.5 and out["a/val/sentences"] == 3
     assert out["b/test/acc@0.75"] == 0.0
+    assert out["acc@0.5_stderr"] == 0.0  # every split all right or all wrong
+
+
+def test_the_macro_accuracy_standard_error_is_that_of_a_mean_of_binomial_proportions():
+    # Split a: 1 of 4 right (p = 0.25), split b: 2 of 2 right; mean of the two proportions.
+    out = rec.macro_average({"a": rec.split_metrics([0.9, 0.1, 0.2, 0.0], [False] * 4),
+                             "b": rec.split_metrics([0.7, 0.6], [False] * 2)})
+    assert out["acc@0.5"] == pytest.approx((0.25 + 1.0) / 2)
+    assert out["acc@0.5_stderr"] == pytest.approx(np.sqrt(0.25 * 0.75 / 4 + 0.0) / 2)
+    assert out["acc@0.75_stderr"] == pytest.approx(np.sqrt(0.25 * 0.75 / 4) / 2)  # 1 of 4, 0 of 2
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -182,6 +193,13 @@ def test_config_errors_name_the_field(rec_config):
     c.eval.rec.prompt, c.eval.rec.data_dir = "", ""
     with pytest.raises(ConfigError, match=r"config\.eval\.rec\.data_dir: .*prepare_refcoco"):
         validate(c, num_devices=1)
+
+
+def test_mode_eval_checks_the_evaluators_sections_before_loading_anything(rec_config, tmp_path):
+    rec_config.eval.rec.splits = ("refcoco_unc/validation",)
+    with pytest.raises(ConfigError, match=r"config\.eval\.rec\.splits: 'refcoco_unc/validation' is not one of"):
+        run_eval(rec_config, str(tmp_path))  # an empty workdir: the config is refused first
+    assert os.listdir(tmp_path) == []
 
 
 def test_a_canvas_of_another_patch_count_is_refused_in_training(rec_config, tmp_path):
