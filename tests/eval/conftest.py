@@ -1,9 +1,9 @@
-"""Fixtures of the evaluation tests: a few rendered held-out pairs and the tiny run config evaluating them."""
+"""Fixtures of the evaluation tests: a few rendered held-out pairs and the tiny run config evaluating them
+(the rendered REC set, `rec_set`, is test-wide: tests/conftest.py)."""
 from __future__ import annotations
 
 import pytest
 
-from tests.eval.rec_data import write_rec_set
 from tests.integration import tiny_config
 from tests.tiny_data import render_tiny_dataset
 
@@ -25,16 +25,3 @@ def eval_config(eval_files):
     c.mesh.data, c.mesh.fsdp, c.mesh.tensor = -1, 1, 1
     c.eval.batch_size, c.eval.num_pairs, c.eval.max_new_tokens, c.eval.num_visualise = 4, 100, 12, 3
     return c
-
-
-@pytest.fixture(scope="session")
-def rec_set(tmp_path_factory):
-    """(REFER manual_dir, prepared tensorflow-datasets data_dir, expected flat examples per split) of the
-    tiny rendered REC set, prepared once through the builder."""
-    from dig_jax.eval import refcoco_builder
-
-    manual = str(tmp_path_factory.mktemp("refer"))
-    expected = write_rec_set(manual)
-    data_dir = str(tmp_path_factory.mktemp("tfds"))
-    refcoco_builder.prepare(manual, data_dir)
-    return manual, data_dir, expected
