@@ -79,6 +79,9 @@ def get_config(arg=None):
 
     c.eval.num_pairs = 200
     c.eval.max_new_tokens = 80
+    # The report's transfer check (dig_jax.demo adds the "rec" evaluator on a REFER-style set rendered at
+    # demo.resolution, on canvases of that size): one box in the answer format takes ~40 tokens.
+    c.eval.rec.max_new_tokens = 48
     return c
 
 

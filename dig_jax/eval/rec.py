@@ -12,7 +12,8 @@ Protocol (pinned, since published numbers move by points with the prompt, the re
   * an answer with no readable box (no JSON, no valid `bbox_2d`, still thinking at the cap) is invalid: it
     counts as a miss with IoU 0, and in `invalid_rate`; it is never an error.
 Metrics per split ("<config>/<split>/..."): acc@0.5 (IoU >= 0.5: Precision@1, the published figure),
-acc@0.75, mean_iou, invalid_rate, sentences; without prefix, their macro average over the splits.
+acc@0.75, mean_iou, invalid_rate, sentences; without prefix, their macro average over the splits, and
+the binomial standard error of the averaged accuracies (acc@0.5_stderr, acc@0.75_stderr).
 Outputs: predictions.jsonl (one line per sentence), metrics.json, predictions.png (the first
 `eval.num_visualise` sentences of each split: expression, true box green, predicted red).
 """
@@ -82,12 +83,21 @@ def split_metrics(ious: list[float], invalid: list[bool]) -> dict[str, float]:
 
 
 def macro_average(per_split: dict[str, dict[str, float]]) -> dict[str, float]:
-    """Each split's metrics under "<split>/", and the unweighted mean over splits without prefix."""
+    """Each split's metrics under "<split>/", and the unweighted mean over splits without prefix.
+
+    Also `acc@T_stderr`: the binomial standard error of the macro-averaged accuracy, sqrt(sum_s
+    p_s (1 - p_s) / n_s) / S over the S splits (each split's sentences independent); small sets (the
+    demo's rendered one) need it to read a before/after difference.
+    """
     out = {}
     for split, metrics in per_split.items():
         out.update({f"{split}/{k}": v for k, v in metrics.items()})
     for key in (*(f"acc@{t}" for t in THRESHOLDS), "mean_iou", "invalid_rate"):
         out[key] = float(np.mean([m[key] for m in per_split.values()]))
+    for t in THRESHOLDS:
+        variance = sum(m[f"acc@{t}"] * (1 - m[f"acc@{t}"]) / m["sentences"]
+                       for m in per_split.values() if m["sentences"])
+        out[f"acc@{t}_stderr"] = float(np.sqrt(variance) / len(per_split))
     return out
 
 

@@ -68,6 +68,13 @@ def prepare(manual_dir: str, data_dir: str, configs=tuple(refer.DATASETS)) -> li
     return out
 
 
+def is_prepared(data_dir: str, configs=tuple(refer.DATASETS)) -> bool:
+    """Whether every config of `configs` is prepared under `data_dir` (tensorflow-datasets writes a
+    config's directory whole, by renaming it into place once its files are written)."""
+    return all(os.path.exists(os.path.join(data_dir, NAME, config, VERSION, "dataset_info.json"))
+               for config in configs)
+
+
 def split_name(spec: str) -> tuple[str, str]:
     """("refcoco_unc", "val") from "refcoco_unc/val", checked against the standard splits."""
     config, _, split = spec.partition("/")
