@@ -147,6 +147,9 @@ def _reward(c):
     c.reward.alpha = 0.1  # weight of the format reward
     c.reward.lambda1 = 0.5  # F1
     c.reward.lambda2 = 0.5  # mean IoU of matches
+    # Ours, not the paper's (0 = off): + count_weight when a well-formatted answer has as many boxes as
+    # there are differences (dig_jax/rl/rewards.py says why).
+    c.reward.count_weight = 0.0
     c.reward.iou_threshold = 0.5
 
 

@@ -165,6 +165,9 @@ def _check_optimisation(c) -> None:
         _fail("reward.alpha", f"must be in [0, 1], got {c.reward.alpha}")
     if not 0 < c.reward.iou_threshold <= 1:
         _fail("reward.iou_threshold", f"must be in (0, 1], got {c.reward.iou_threshold}")
+    count_weight = _value(c, "reward.count_weight")
+    if isinstance(count_weight, bool) or not isinstance(count_weight, (int, float)) or not count_weight >= 0:
+        _fail("reward.count_weight", f"must be a number >= 0 (0 = the paper's reward), got {count_weight!r}")
 
 
 def _check_data(c) -> None:

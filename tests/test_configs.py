@@ -131,6 +131,8 @@ def _demo_with_data():
 @pytest.mark.parametrize("field, value", [
     ("reward.fn", "f1_only"),  # not a registered reward
     ("reward.fn", 3),
+    ("reward.count_weight", -0.5),
+    ("reward.count_weight", "0.1"),
     ("grpo.scale_by_std", 1),  # a bool, not a truthy number
     ("grpo.scale_by_std", "yes"),
     ("grpo.scoring_chunk", 0),

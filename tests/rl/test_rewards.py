@@ -57,6 +57,22 @@ def test_reward_weights_follow_config():
     assert m["reward"] == pytest.approx(0.75 * (0.7 * 2 / 3 + 0.3 * 0.5) + 0.25)
 
 
+def test_the_count_term_pays_exactly_the_right_number_of_well_formatted_boxes():
+    counting = R.RewardConfig(count_weight=0.2)
+    gt = [[0, 0, 100, 100]]
+    one = _answer([0, 0, 100, 50])  # IoU 0.5: a hit
+    two = _answer([0, 0, 100, 50], [500, 500, 600, 600])
+    for text, bonus in ((one, 0.2), (two, 0.0)):
+        paper, ours = (R.score_answer(text, gt, SQUARE, config=c)["reward"] for c in (CFG, counting))
+        assert ours == pytest.approx(paper + bonus)
+    # Without the term, the paper's reward: the two-box answer here earns 0.9 * (0.5 * 2/3 + 0.5 * 0.5) + 0.1.
+    assert R.score_answer(two, gt, SQUARE, config=CFG)["reward"] == pytest.approx(0.9 * (1 / 3 + 0.25) + 0.1)
+    # An empty, well-formatted answer to a pair without differences counts right; unparseable text never does.
+    assert R.score_answer("[]", [], SQUARE, config=counting)["reward"] == pytest.approx(1.2)
+    assert R.score_answer("no boxes", [], SQUARE, config=counting)["reward"] == pytest.approx(0.9)
+    assert counting.max_reward == pytest.approx(1.2)
+
+
 def test_zero_difference_pairs():
     empty = R.score_answer("[]", [], SQUARE, config=CFG)
     assert empty["reward"] == 1.0 and empty["f1"] == 1.0 and empty["mean_iou"] == 1.0
@@ -303,6 +319,7 @@ def test_batch_matches_per_sample():
 @pytest.mark.parametrize("kwargs, field", [
     ({"alpha": 1.5}, "alpha"), ({"lambda1": -1}, "lambda1"), ({"iou_threshold": 0}, "iou_threshold"),
     ({"family": "qwen2_vl"}, "family"), ({"l1_cost_weight": float("nan")}, "l1_cost_weight"),
+    ({"count_weight": -0.1}, "count_weight"),
 ])
 def test_config_errors_name_the_field(kwargs, field):
     with pytest.raises(ValueError, match=f"RewardConfig.{field}"):
