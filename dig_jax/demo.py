@@ -6,7 +6,9 @@ evaluate it, and write a report.
 Every stage resumes: the generator finishes only missing shards, training continues from the newest
 checkpoint, so rerunning after an interruption picks up where it stopped. The report
 (WORKDIR/report.md) holds the training curves, the held-out metrics after the warm-up and after GRPO,
-visualised predictions, and the transfer check at toy scale: referring-expression accuracy on rendered
+visualised predictions (every held-out metric with its standard error over pairs, and the paired bootstrap of
+"after GRPO minus after warm-up": `dig_jax.eval.stats` on the two evaluations' predictions.jsonl), and the
+transfer check at toy scale: referring-expression accuracy on rendered
 scenes of the same kind ("the large red metal cube", `data_pipeline.refer_scenes`), scored by the REC
 evaluator through the RefCOCO data path, before and after GRPO.
 """
@@ -22,7 +24,7 @@ from ml_collections import config_flags
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/demo_cpu.py", "Training configuration.")
 _WORKDIR = flags.DEFINE_string("workdir", "demo_out", "Where data, checkpoints and the report go.")
 _TRAIN_PAIRS = flags.DEFINE_integer("num_train_pairs", 12000, "Rendered training pairs.")
-_EVAL_PAIRS = flags.DEFINE_integer("num_eval_pairs", 200, "Rendered held-out pairs (other seeds).")
+_EVAL_PAIRS = flags.DEFINE_integer("num_eval_pairs", 1000, "Rendered held-out pairs (other seeds).")
 _WORKERS = flags.DEFINE_integer("workers", 2, "Rendering processes.")
 _REC_SCENES = flags.DEFINE_integer("num_rec_scenes", 60, "Rendered scenes of the referring-expression set.")
 
@@ -88,6 +90,74 @@ def plot_curves(metrics_file: str, out_png: str, sft_steps: int) -> None:
     plt.close(fig)
 
 
+# The held-out table's rows: metrics.json key -> (stats metric, number of true boxes or None for all pairs).
+HELD_OUT_ROWS = {
+    "reward": ("reward", None), "f1": ("f1", None), "precision": ("precision", None), "recall": ("recall", None),
+    "mean_iou": ("mean_iou", None), "count_accuracy": ("count_correct", None), "format_rate": ("format_ok", None),
+    "by_num_differences/1/f1": ("f1", 1), "by_num_differences/1/mean_iou": ("mean_iou", 1),
+    "by_num_differences/2/f1": ("f1", 2), "by_num_differences/1/count_accuracy": ("count_correct", 1),
+    "by_num_differences/2/count_accuracy": ("count_correct", 2),
+}
+# The bootstrap table's rows: label -> (stats metric, number of true boxes or None).
+CHANGE_ROWS = {"reward": ("reward", None), "f1": ("f1", None), "by_num_differences/1/f1": ("f1", 1),
+               "count_accuracy": ("count_correct", None)}
+BOOTSTRAP_SEED, BOOTSTRAP_RESAMPLES = 0, 2000
+
+
+def _value_and_se(results: dict, key: str, rows: list[dict] | None) -> str:
+    """'0.660 +- 0.049': the evaluator's metric and its standard error over the pairs of its
+    predictions.jsonl lines (`rows`); the metric alone when the lines cannot give one (fewer than two
+    pairs, or none where the metric is defined)."""
+    from dig_jax.eval import stats
+
+    if key not in results:
+        return "-"
+    cell = f"{results[key]:.3f}"
+    if rows is None:
+        return cell
+    metric, num_gt = HELD_OUT_ROWS[key]
+    values = stats.per_pair(rows, metric, num_gt)
+    if len(values.num) < 2 or values.den.sum() <= 0:
+        return cell
+    _, se = stats.ratio_and_se(values.num, values.den)
+    return f"{cell} +- {se:.3f}"
+
+
+def _held_out_table(results: dict[str, dict], predictions: dict[str, str] | None) -> str:
+    """The held-out metrics of every evaluation, each +- its standard error over pairs."""
+    from dig_jax.eval import stats
+
+    names = list(results)
+    rows = {n: stats.read_predictions(predictions[n]) if predictions else None for n in names}
+    lines = ["| metric | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|"]
+    for key in HELD_OUT_ROWS:
+        lines.append(f"| {key} | " + " | ".join(_value_and_se(results[n], key, rows[n]) for n in names) + " |")
+    return "\n".join(lines)
+
+
+def _change_table(names: tuple[str, str], before_path: str, after_path: str) -> list[str]:
+    """The paired bootstrap of after minus before (`names`: the two evaluations) for the CHANGE_ROWS
+    metrics, pairs matched by seed."""
+    import math
+
+    from dig_jax.eval import stats
+
+    lines = [f"| metric | {names[0]} | {names[1]} | difference | 95 % interval | excludes 0 | difference / SE "
+             "| pairs |", "|---|---|---|---|---|---|---|---|"]
+    for label, (metric, num_gt) in CHANGE_ROWS.items():
+        before, after = stats.read_aligned(before_path, after_path, metric, num_gt)
+        try:
+            res = stats.paired_bootstrap(before.num, after.num, before_den=before.den, after_den=after.den,
+                                         seed=BOOTSTRAP_SEED, num_resamples=BOOTSTRAP_RESAMPLES)
+        except ValueError as e:  # too few pairs of this kind in a toy run
+            lines.append(f"| {label} | - | - | - | - | - | - | {len(before.num)} ({e}) |")
+            continue
+        lines.append(f"| {label} | {before.value:.3f} | {after.value:.3f} | {res.difference:+.3f} | "
+                     f"[{res.low:+.3f}, {res.high:+.3f}] | {'yes' if res.excludes_zero else 'no'} | "
+                     f"{'-' if math.isnan(res.z) else format(res.z, '+.1f')} | {res.n} |")
+    return lines
+
+
 def _table(results: dict[str, dict], keys: list[str]) -> str:
     names = list(results)
     lines = ["| metric | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|"]
@@ -123,12 +193,27 @@ def _rec_table(results: dict[str, dict]) -> list[str]:
 
 
 def write_report(workdir: str, c, results: dict[str, dict], seconds: dict[str, float],
-                 trend: tuple[float, float] | None = None) -> str:
-    keys = ["reward", "f1", "precision", "recall", "mean_iou", "count_accuracy", "format_rate",
-            "by_num_differences/1/f1", "by_num_differences/1/mean_iou", "by_num_differences/2/f1"]
+                 trend: tuple[float, float] | None = None, predictions: dict[str, str] | None = None) -> str:
+    """WORKDIR/report.md. `predictions`: the predictions.jsonl of each evaluation (same names as
+    `results`, the first "before", the last "after"), for the standard errors and the paired bootstrap."""
     kinds = sorted({k.split("/")[1] for r in results.values() for k in r if k.startswith("by_kind/")})
-    final = results[list(results)[-1]]
-    one_diff_f1 = final.get("by_num_differences/1/f1", 0.0)
+    names = list(results)
+    final = results[names[-1]]
+    final_rows = None
+    if predictions:
+        from dig_jax.eval import stats
+
+        final_rows = stats.read_predictions(predictions[names[-1]])
+    one_diff_f1 = _value_and_se(final, "by_num_differences/1/f1", final_rows) \
+        if "by_num_differences/1/f1" in final else "0.000"
+    change = (["## After GRPO minus after the warm-up (paired bootstrap)", "",
+               f"Both checkpoints answered the same held-out pairs (matched by seed). Each of "
+               f"{BOOTSTRAP_RESAMPLES} resamples draws the pairs with replacement and scores both checkpoints on "
+               f"that same draw (numpy seed {BOOTSTRAP_SEED}); the interval holds the middle 95 % of the "
+               "resampled differences, and the SE is their standard deviation. A change whose interval "
+               "contains 0 is within what the choice of held-out pairs explains.", "",
+               *_change_table((names[0], names[-1]), predictions[names[0]], predictions[names[-1]]), ""]
+              if predictions and len(names) > 1 else [])
     lines = [
         "# DiG-JAX CPU demo report", "",
         f"A tiny Qwen3-VL-shaped model (random init, compact tokenizer) trained on {_TRAIN_PAIRS.value} rendered "
@@ -136,12 +221,16 @@ def write_report(workdir: str, c, results: dict[str, dict], seconds: dict[str, f
         f"iterations (group size {c.grpo.group_size}) through {len(c.curriculum.phases)} curriculum phases. "
         f"Held-out: the first {min(c.eval.num_pairs, _EVAL_PAIRS.value)} of {_EVAL_PAIRS.value} pairs rendered "
         f"from other seeds.", "",
-        f"**Held-out F1@0.5 on one-difference pairs: {one_diff_f1:.3f}** (bar: 0.5).", "",
+        f"**Held-out F1@0.5 on one-difference pairs: {one_diff_f1}** (bar: 0.5).", "",
         *([f"GRPO training reward, mean of the first vs the last iterations: {trend[0]:.3f} -> {trend[1]:.3f}.", ""]
           if trend else []),
         "## Training curves", "", "![curves](curves.png)", "",
-        "## Held-out metrics (greedy decoding)", "", _table(results, keys), "",
-        "Recall by difference kind:", "", _table(results, [f"by_kind/{k}/recall" for k in kinds]), "",
+        "## Held-out metrics (greedy decoding)", "",
+        "Each metric +- its standard error over the held-out pairs (the pairs are the independent draws: "
+        "std / sqrt(n) for means over pairs, the linearised error of a ratio for the micro-averaged F1, "
+        "precision, recall and mean IoU; `dig_jax.eval.stats`).", "",
+        _held_out_table(results, predictions), "",
+        "Recall by difference kind:", "", _table(results, [f"by_kind/{k}/recall" for k in kinds]), "", *change,
         *(["## Transfer: referring expressions (toy scale)", "", *_rec_table(results), ""]
           if "rec/acc@0.5" in final else []),
         "## Predictions after GRPO (green: truth, red: prediction)", "", "![predictions](predictions.png)", "",
@@ -183,7 +272,8 @@ def main(argv):
     c.eval.rec.data_dir = rec_data_dir
     c.eval.rec.image_size = c.demo.resolution  # the rendered set's images, as many patches as the pairs'
     results = {}
-    for name, step in (("after warm-up", c.sft.steps), ("after GRPO", c.sft.steps + c.grpo.steps)):
+    steps = (("after warm-up", c.sft.steps), ("after GRPO", c.sft.steps + c.grpo.steps))
+    for name, step in steps:
         c.eval.checkpoint_step = step
         results[name] = run_eval(c, run_dir)
     seconds["evaluate"] = time.time() - t
@@ -191,7 +281,8 @@ def main(argv):
                 os.path.join(workdir, "predictions.png"))
     plot_curves(os.path.join(run_dir, "metrics.jsonl"), os.path.join(workdir, "curves.png"), c.sft.steps)
     trend = grpo_reward_trend(os.path.join(run_dir, "metrics.jsonl"))
-    path = write_report(workdir, c, results, seconds, trend)
+    predictions = {name: os.path.join(run_dir, "eval", f"step_{step}", "predictions.jsonl") for name, step in steps}
+    path = write_report(workdir, c, results, seconds, trend, predictions)
     print(f"report: {path}")
 
 

@@ -1,10 +1,19 @@
 """The demo pipeline runs end to end at toy scale and writes its report (the learning bar itself is
 measured by `make demo`, not asserted here)."""
+import json
 import os
 import subprocess
 import sys
 
 import pytest
+
+from dig_jax.eval import stats
+
+# metrics.json key -> (stats metric, true boxes): the rows of the report that carry a standard error
+WITH_SE = {"reward": ("reward", None), "f1": ("f1", None), "count_accuracy": ("count_correct", None),
+           "by_num_differences/1/f1": ("f1", 1), "by_num_differences/2/f1": ("f1", 2),
+           "by_num_differences/1/count_accuracy": ("count_correct", 1),
+           "by_num_differences/2/count_accuracy": ("count_correct", 2)}
 
 
 @pytest.mark.slow
@@ -29,3 +38,29 @@ def test_demo_writes_report(tmp_path):
     assert (workdir / "run" / "eval" / "step_2" / "metrics.json").exists()
     assert (workdir / "run" / "eval" / "step_4" / "metrics.json").exists()
     assert (workdir / "run" / "eval" / "step_4" / "rec" / "predictions.jsonl").exists()
+
+    # The uncertainty tables, from the per-pair lines of the two evaluations (dig_jax.eval.stats).
+    held_out = report.split("## Held-out metrics")[1].split("Recall by difference kind")[0]
+    change = report.split("## After GRPO minus after the warm-up (paired bootstrap)")[1].split("## ")[0]
+    assert "| metric | after warm-up | after GRPO | difference | 95 % interval | excludes 0 | difference / SE |" in change
+    files = {step: workdir / "run" / "eval" / f"step_{step}" for step in (2, 4)}
+    for step, d in files.items():
+        metrics = json.loads((d / "metrics.json").read_text())
+        rows = stats.read_predictions(str(d / "predictions.jsonl"))
+        assert len(rows) == 8 and sorted(r["seed"] for r in rows) == sorted(
+            r["seed"] for r in stats.read_predictions(str(files[2] / "predictions.jsonl")))
+        for key, (metric, num_gt) in WITH_SE.items():
+            if key not in metrics:
+                continue
+            values = stats.per_pair(rows, metric, num_gt)  # the lines give the evaluator's own metric
+            assert values.value == pytest.approx(metrics[key], abs=1e-9), (step, key)
+            if len(values.num) >= 2:  # and the report shows it with its standard error
+                _, se = stats.ratio_and_se(values.num, values.den)
+                assert f"{metrics[key]:.3f} +- {se:.3f}" in held_out.split(f"| {key} |")[1].split("\n")[0], key
+    for label, (metric, num_gt) in {"reward": ("reward", None), "f1": ("f1", None),
+                                    "count_accuracy": ("count_correct", None)}.items():
+        res = stats.bootstrap_files(str(files[2] / "predictions.jsonl"), str(files[4] / "predictions.jsonl"),
+                                    metric, num_gt, seed=0)
+        line = change.split(f"| {label} |")[1].split("\n")[0]
+        assert f"| {res.difference:+.3f} | [{res.low:+.3f}, {res.high:+.3f}] | {'yes' if res.excludes_zero else 'no'} |" in line
+    assert "| by_num_differences/1/f1 |" in change

@@ -77,8 +77,12 @@ class BootstrapResult:
 
     @property
     def z(self) -> float:
-        """difference / se: how many standard errors the change is."""
-        return self.difference / self.se if self.se > 0 else math.copysign(math.inf, self.difference)
+        """difference / se: how many standard errors the change is. When every pair changed by the same
+        amount the resampled differences agree up to rounding: se below 1e-12 counts as 0 (inf, or nan
+        when the difference is 0 too)."""
+        if self.se > 1e-12:
+            return self.difference / self.se
+        return math.nan if self.difference == 0 else math.copysign(math.inf, self.difference)
 
 
 def mean_and_se(values) -> tuple[float, float]:

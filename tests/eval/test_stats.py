@@ -93,7 +93,7 @@ def test_interval_contains_the_observed_difference_and_says_whether_it_excludes_
     assert unchanged.difference == pytest.approx(0, abs=1e-12)
     assert unchanged.low < 0 < unchanged.high and not unchanged.excludes_zero and abs(unchanged.z) < 1e-9
     narrow = stats.paired_bootstrap(before, before + 0.01, seed=0, confidence=0.5)
-    assert narrow.confidence == 0.5 and narrow.se < 1e-12 and narrow.excludes_zero  # the same change on every pair
+    assert narrow.confidence == 0.5 and narrow.se < 1e-12 and narrow.excludes_zero and narrow.z == math.inf  # the same change on every pair
 
 
 def test_bootstrap_keeps_the_pairing():
