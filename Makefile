@@ -42,6 +42,7 @@ bench: venv
 	$(VPY) benchmarks/model_vs_hf.py
 	$(VPY) benchmarks/train_step.py
 	$(VPY) benchmarks/demo_learnability.py
+	$(VPY) benchmarks/reward_by_count.py
 	$(VPY) benchmarks/aot_plan.py
 
 clean:

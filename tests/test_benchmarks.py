@@ -138,6 +138,39 @@ def test_demo_learnability_trains_and_scores_every_checkpoint(tmp_path):
     assert "| 12:0.12:2:2 |" in result.stdout
 
 
+def test_reward_by_count_against_hand_computed_rewards(capsys, tmp_path):
+    """The expected reward of 1-3 boxes, computed here by hand from the reward's formula
+    r = 0.9 (0.5 F1 + 0.5 mean IoU) + 0.1 (default RewardConfig, well-formatted answers)."""
+    import json
+
+    import reward_by_count
+
+    out = reward_by_count.main(["--q=0.25,0.5", f"--json={tmp_path / 'r.json'}"])
+    assert json.loads((tmp_path / "r.json").read_text())["rows"] == out["rows"]
+
+    def r(f1, iou):
+        return 0.9 * (0.5 * f1 + 0.5 * iou) + 0.1
+
+    for row in out["rows"]:
+        q = row["q"]
+        any2, any3 = 1 - (1 - q) ** 2, 1 - (1 - q) ** 3  # at least one of 2 / 3 boxes hits
+        # one difference: the matcher keeps the best box, IoU 0.7 if any hits, else 0.2
+        assert row["1diff_1box"] == pytest.approx(r(q, 0.2 + 0.5 * q), abs=1e-12)
+        assert row["1diff_2box"] == pytest.approx(r(2 / 3 * any2, 0.2 + 0.5 * any2), abs=1e-12)
+        assert row["1diff_3box"] == pytest.approx(r(0.5 * any3, 0.2 + 0.5 * any3), abs=1e-12)
+        # two differences: box 2 on true box 2; boxes 1 and 3 on true box 1, the better one matched
+        assert row["2diff_1box"] == pytest.approx(r(2 / 3 * q, 0.2 + 0.5 * q), abs=1e-12)
+        assert row["2diff_2box"] == pytest.approx(r(q, 0.2 + 0.5 * q), abs=1e-12)
+        assert row["2diff_3box"] == pytest.approx(r(0.4 * (q + any2), ((0.2 + 0.5 * q) + (0.2 + 0.5 * any2)) / 2),
+                                                  abs=1e-12)
+    assert out["rows"][1]["2diff_3box"] == pytest.approx(0.555625)  # the same by hand at q = 1/2
+    # 2 boxes beat 1 on a one-difference pair below q* = 2 - (0.5 + 0.5 d) / (0.5 * 2/3 + 0.5 d), d = 0.5
+    assert out["q_star"] == pytest.approx(5 / 7, abs=1e-6) and out["q_star_f1"] == pytest.approx(0.5, abs=1e-6)
+    assert "| 0.5 | 0.527 | 0.584 |" in capsys.readouterr().out
+    wider = reward_by_count.main(["--q=0.5", "--hit-iou=0.9", "--miss-iou=0.1"])
+    assert wider["q_star"] == pytest.approx(2 - 0.9 / (1 / 3 + 0.4), abs=1e-6)
+
+
 def test_aot_plan_matrix_and_unknown_variants(capsys):
     import aot_plan
 
