@@ -281,9 +281,10 @@ def restore_model(c: ml_collections.ConfigDict, workdir: str, model_cfg: model_c
         steps = ckpt.all_steps()
         step = max(steps, default=None) if step is None or step < 0 else step
         if step not in steps:
-            raise FileNotFoundError(f"{workdir}/checkpoints holds steps {sorted(steps)}, not "
-                                    f"{'any' if step is None else step} (config.eval.checkpoint_step; with no "
-                                    "checkpoint, config.model.init_checkpoint=HF_DIR evaluates that model)")
+            raise checkpointing.MissingCheckpointError(
+                f"{workdir}/checkpoints holds steps {sorted(steps)}, not {'any' if step is None else step} "
+                "(config.eval.checkpoint_step; with no checkpoint, config.model.init_checkpoint=HF_DIR evaluates "
+                "that model)")
         restored, _ = ckpt.restore({"params": target}, step=step)
     finally:
         ckpt.close()
