@@ -43,6 +43,7 @@ bench: venv
 	$(VPY) benchmarks/train_step.py
 	$(VPY) benchmarks/demo_learnability.py
 	$(VPY) benchmarks/reward_by_count.py
+	$(VPY) benchmarks/curriculum_ablation.py
 	$(VPY) benchmarks/aot_plan.py
 
 clean:
