@@ -52,17 +52,43 @@ def test_the_command_line_refuses_unknown_arms_and_short_runs_before_running(tmp
 
 def test_the_demo_scenes_cannot_hold_three_differences():
     """The docstring's reason for stopping at two differences: the generator refuses three in the demo's
-    two-object scenes (and the demo caps answers at two boxes)."""
+    two-object scenes, the demo caps answers at two boxes, and drawn past the generator's check, an added
+    object almost never fits beside the two objects: a third difference needs a removal to make room."""
+    import numpy as np
+
     from configs import demo_cpu
-    from data_pipeline import settings
+    from data_pipeline import differences, scene, settings
 
     c = demo_cpu.get_config()
     g = settings.demo_settings(c.demo)
     settings.validate(g)  # the demo's own settings pass
+    assert c.data.max_boxes == 2 and c.demo.max_objects == 2
     g.num_differences_max = 3
     with pytest.raises(ValueError, match="num_differences_max.*min_objects"):
         settings.validate(g)
-    assert c.data.max_boxes == 2 and c.demo.max_objects == 2
+
+    scene_settings = scene.SceneSettings.from_config(g)
+    three = differences.DifferenceSettings(num_differences_min=3, num_differences_max=3, kinds=tuple(g.kinds),
+                                           placement_radius=g.placement_radius, min_gap=g.min_gap,
+                                           num_slots=g.max_objects + 3)
+    scenes, realisable, adds = 0, [], 0
+    for seed in range(400):
+        try:
+            spec = scene.sample_scene(np.random.default_rng([seed, 0, 0]), scene_settings)
+        except scene.PlacementError:
+            continue
+        scenes += 1
+        attrs = scene.random_attributes(np.random.default_rng([seed, 1]))
+        adds += scene.place(np.random.default_rng([seed, 2]), attrs, spec["objects"], scene_settings) is not None
+        try:
+            _, records = differences.sample_differences(spec, np.random.default_rng([seed, 0, 1]), three)
+        except differences.DifferenceError:
+            continue
+        realisable.append(sorted(r["kind"] for r in records))
+    assert scenes > 150 and adds <= scenes // 100  # a third object next to the two: at most 1 % of scenes
+    assert len(realisable) > 50
+    assert all("add" in kinds for kinds in realisable)  # two objects take two changes; the third is an add
+    assert sum("remove" not in kinds for kinds in realisable) <= len(realisable) // 100  # made room for
 
 
 def _write_run(run_dir, final_step: int, rng, num_pairs: int, grpo_steps: int, two_share: float):
