@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import pytest
 
+from dig_jax import assemble
+from dig_jax.eval import registry
 from tests.integration import tiny_config
 from tests.tiny_data import render_tiny_dataset
 
@@ -25,3 +27,12 @@ def eval_config(eval_files):
     c.mesh.data, c.mesh.fsdp, c.mesh.tensor = -1, 1, 1
     c.eval.batch_size, c.eval.num_pairs, c.eval.max_new_tokens, c.eval.num_visualise = 4, 100, 12, 3
     return c
+
+
+def eval_context(c, workdir: str, patches_per_image=None) -> registry.EvalContext:
+    """What `--mode=eval` hands the evaluators for config `c` and `workdir`: the run's tokenizer, model
+    config and mesh."""
+    tok_path = assemble.tokenizer_path(c, workdir, assemble.model_family(c))
+    tokenizer = assemble.load_run_tokenizer(c, tok_path)
+    return registry.EvalContext(c, assemble.model_config_from(c, tokenizer), tokenizer, tok_path,
+                                assemble.make_mesh(c), patches_per_image)

@@ -14,22 +14,15 @@ import pytest
 from flax import nnx
 
 from dig_jax import assemble, checkpointing
-from dig_jax.eval import dig, registry, run
+from dig_jax.eval import dig, run
 from dig_jax.rl import rewards
-from tests.eval.conftest import NUM_PAIRS
+from tests.eval.conftest import NUM_PAIRS, eval_context
 from tests.integration import tiny_config
-
-
-def _context(c, workdir: str, patches_per_image=None) -> registry.EvalContext:
-    tok_path = assemble.tokenizer_path(c, workdir, assemble.model_family(c))
-    tokenizer = assemble.load_run_tokenizer(c, tok_path)
-    model_cfg = assemble.model_config_from(c, tokenizer)
-    return registry.EvalContext(c, model_cfg, tokenizer, tok_path, assemble.make_mesh(c), patches_per_image)
 
 
 def test_evaluate_twice_then_run_eval_on_the_checkpoint(eval_config, tmp_path, capsys):
     c, workdir = eval_config, str(tmp_path / "workdir")
-    ctx = _context(c, workdir)
+    ctx = eval_context(c, workdir)
     evaluator = dig.DigEvaluator.from_context(ctx)
     patches = dig.held_out_builder(c, ctx.model_cfg, ctx.tok_path).patches_per_image
     model = assemble.create_model(c, ctx.model_cfg, ctx.mesh, patches_per_image=patches)
@@ -63,14 +56,14 @@ def test_evaluate_twice_then_run_eval_on_the_checkpoint(eval_config, tmp_path, c
 def test_the_held_out_reward_is_the_papers_whatever_count_term_training_used(eval_config, tmp_path):
     c = eval_config
     c.reward.count_weight = 0.3  # trained with our count term ...
-    evaluator = dig.DigEvaluator.from_context(_context(c, str(tmp_path)))
+    evaluator = dig.DigEvaluator.from_context(eval_context(c, str(tmp_path)))
     c.reward.count_weight = 0.0  # ... evaluated with the paper's reward
     assert evaluator.reward_config == rewards.RewardConfig.from_config(c.reward, "qwen3_vl", c.data.chat_template)
 
 
 def test_held_out_images_must_match_the_models_vision_block(eval_config, tmp_path):
     c = eval_config
-    ctx = _context(c, str(tmp_path), patches_per_image=1)
+    ctx = eval_context(c, str(tmp_path), patches_per_image=1)
     with pytest.raises(ValueError, match=r"^config\.data\.eval_files: images of \d+ patches, but the model attends "
                                          r"per image of 1 patches"):
         dig.DigEvaluator.from_context(ctx)

@@ -11,7 +11,7 @@ import pytest
 from dig_jax import assemble
 from dig_jax.config_validation import ConfigError, validate
 from dig_jax.eval import perception as P
-from dig_jax.eval import registry
+from tests.eval.conftest import eval_context
 
 
 @pytest.mark.parametrize("text, want", [
@@ -114,9 +114,7 @@ def benchmark_config(eval_config, rec_set, tmp_path):
 
 
 def _evaluator(c, workdir):
-    tok_path = assemble.tokenizer_path(c, workdir, assemble.model_family(c))
-    tokenizer = assemble.load_run_tokenizer(c, tok_path)
-    ctx = registry.EvalContext(c, assemble.model_config_from(c, tokenizer), tokenizer, tok_path, assemble.make_mesh(c))
+    ctx = eval_context(c, workdir)
     return ctx, P.PerceptionEvaluator.from_context(ctx)
 
 

@@ -11,11 +11,12 @@ import pytest
 
 from dig_jax import assemble
 from dig_jax.config_validation import ConfigError, validate
-from dig_jax.eval import rec, registry
+from dig_jax.eval import rec
 from dig_jax.eval.run import run_eval
 from dig_jax.processing import ImageProcessorConfig, build_tiny_tokenizer
 from dig_jax.processing.answers import format_answer, pixels_to_answer
 from dig_jax.processing.questions import QuestionBuilder, QuestionSpec, letterbox
+from tests.eval.conftest import eval_context
 from tests.eval.test_refcoco_data import SPLITS
 
 
@@ -122,13 +123,6 @@ def rec_config(eval_config, rec_set):
     return c
 
 
-def _context(c, workdir):
-    tok_path = assemble.tokenizer_path(c, workdir, assemble.model_family(c))
-    tokenizer = assemble.load_run_tokenizer(c, tok_path)
-    return registry.EvalContext(c, assemble.model_config_from(c, tokenizer), tokenizer, tok_path,
-                                assemble.make_mesh(c))
-
-
 def _oracle(evaluator, shift=0.0):
     """Answers every row with its true box (shifted right by `shift` box widths), in the family's format."""
     def answer(batch):
@@ -143,7 +137,7 @@ def _oracle(evaluator, shift=0.0):
 
 
 def test_the_evaluator_reads_every_split_and_scores_true_boxes_as_hits(rec_config, rec_set, tmp_path):
-    evaluator = rec.RecEvaluator.from_context(_context(rec_config, str(tmp_path)))
+    evaluator = rec.RecEvaluator.from_context(eval_context(rec_config, str(tmp_path)))
     _, _, expected = rec_set
     metrics = evaluator.score(_oracle(evaluator), str(tmp_path / "oracle"))
     for split in SPLITS:
@@ -165,7 +159,7 @@ def test_the_evaluator_reads_every_split_and_scores_true_boxes_as_hits(rec_confi
 
 def test_a_model_answers_every_sentence(rec_config, rec_set, tmp_path):
     rec_config.eval.rec.splits = ("refcocog_umd/val",)
-    ctx = _context(rec_config, str(tmp_path))
+    ctx = eval_context(rec_config, str(tmp_path))
     evaluator = rec.RecEvaluator.from_context(ctx)
     model = assemble.create_model(rec_config, ctx.model_cfg, ctx.mesh, evaluator.patches_per_image)
     first = evaluator.evaluate(model, step=0, out_dir=str(tmp_path / "a"))
@@ -203,7 +197,7 @@ def test_mode_eval_checks_the_evaluators_sections_before_loading_anything(rec_co
 
 
 def test_a_canvas_of_another_patch_count_is_refused_in_training(rec_config, tmp_path):
-    ctx = _context(rec_config, str(tmp_path))
+    ctx = eval_context(rec_config, str(tmp_path))
     with pytest.raises(ConfigError, match=r"config\.eval\.rec\.image_size: images of 16 patches, but the model "
                                           r"attends per image of 64"):
         rec.RecEvaluator.from_context(dataclasses.replace(ctx, patches_per_image=64))
