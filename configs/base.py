@@ -123,6 +123,10 @@ def _grpo(c):
     # in the forward of `reference_logprobs`, whose matmuls already run in model.dtype); "float32" keeps
     # an exact copy of the policy as GRPO starts.
     c.grpo.reference_dtype = "float32"
+    # None: GRPO continues the run's key and data order (from `seed`). An int folds into the key GRPO
+    # starts from and reseeds its data stream, so GRPO runs resumed from one warm-up checkpoint are
+    # independent seeds of the GRPO stage (`seed` alone cannot do that: the key comes from the checkpoint).
+    c.grpo.seed = ml_collections.config_dict.placeholder(int)
     c.grpo.num_minibatches = 1  # policy updates per rollout batch
     c.grpo.scale_by_std = True  # advantages divided by the group std; False = Dr. GRPO (mean baseline only)
     # Completion positions whose full-vocabulary logits are computed at a time when scoring answers (SFT

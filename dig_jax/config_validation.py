@@ -142,6 +142,9 @@ def _check_optimisation(c) -> None:
                   "checkpoint.every", "checkpoint.keep", "log.every", "optim.grad_accum_steps",
                   "data.max_boxes", "data.prompt_bucket", "eval.max_new_tokens"):
         _positive(c, field)
+    grpo_seed = _value(c, "grpo.seed")
+    if grpo_seed is not None and (isinstance(grpo_seed, bool) or not isinstance(grpo_seed, int) or grpo_seed < 0):
+        _fail("grpo.seed", f"must be None (continue the run's key) or an int >= 0, got {grpo_seed!r}")
     if c.grpo.group_size < 2 and c.grpo.steps:
         _fail("grpo.group_size", "GRPO needs at least 2 samples per prompt to normalise advantages")
     if not 0 <= c.grpo.top_p <= 1:

@@ -101,6 +101,8 @@ def data_iterator(run: Run, stage: str, cur_state: CurriculumState) -> Iterator[
     else:
         selection = list(run.curriculum.phase(cur_state).mixture())
         batch, seed = c.grpo.prompts_per_batch, c.seed * 1000 + 100 + cur_state.phase_index
+        if c.grpo.seed is not None:  # an independent GRPO stream (phases stay < 100 apart)
+            seed += 100_000 * (c.grpo.seed + 1)
         builder = run.builder
     ds = assemble.pair_dataset(c, c.data.train_files, builder, batch_size=batch, selection=selection, seed=seed)
     return iter(ds)
@@ -119,13 +121,23 @@ def fresh_reference(c: ml_collections.ConfigDict, stage: str, params):
     return jax.tree.map(cast, params)
 
 
+def stage_rng(c: ml_collections.ConfigDict, stage: str, rng: jax.Array) -> jax.Array:
+    """The key a stage starts from: the run's key as the previous stage left it, or, for GRPO with
+    `grpo.seed` set, that key folded with it, so that GRPO stages started from one warm-up checkpoint
+    sample independently of each other (the warm-up's key alone would give every such run the same draws)."""
+    if stage != "grpo" or c.grpo.seed is None:
+        return rng
+    return jax.random.fold_in(rng, c.grpo.seed)
+
+
 def enter_stage(run: Run, state: TrainState, stage: str) -> tuple[TrainState, Stage]:
-    """Starts `stage` from `state`: a fresh optimiser, reference and data stream."""
+    """Starts `stage` from `state`: a fresh optimiser, reference, data stream and `stage_rng`."""
     tx = optimizer_for(run.config, stage, state.params)
     opt_state = init_optimizer_state(tx, state.params, run.mesh)
     reference = fresh_reference(run.config, stage, state.params)
     data = data_iterator(run, stage, state.curriculum)
-    return state.replace(opt_state=opt_state, reference=reference, stage=stage), Stage(stage, tx, data)
+    rng = stage_rng(run.config, stage, state.rng)
+    return state.replace(opt_state=opt_state, reference=reference, rng=rng, stage=stage), Stage(stage, tx, data)
 
 
 def _filled(state: nnx.State, pure: dict) -> nnx.State:
@@ -159,8 +171,9 @@ def restore_or_init(run: Run, ckpt: checkpointing.Checkpointer) -> tuple[TrainSt
     if continuing:
         reference = _filled(state.reference, saved["reference"]) if "reference" in saved else None
         state = state.replace(opt_state=saved["opt_state"], reference=reference)
-    else:
-        state = state.replace(reference=fresh_reference(c, stage.name, params))
+    else:  # entering GRPO from the warm-up's last checkpoint, as the loop does at the boundary
+        state = state.replace(reference=fresh_reference(c, stage.name, params),
+                              rng=stage_rng(c, stage.name, state.rng))
     print(f"resumed from step {latest} ({stage.name}, phase {run.curriculum.phase(state.curriculum).name})",
           flush=True)
     return state, stage

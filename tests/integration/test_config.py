@@ -52,6 +52,7 @@ BROKEN = [
     ("grpo.group_size", 1, "config.grpo.group_size"),
     ("grpo.num_minibatches", 3, "config.grpo.num_minibatches"),
     ("grpo.top_p", 1.5, "config.grpo.top_p"),
+    ("grpo.seed", -1, "config.grpo.seed"),
     ("reward.alpha", -0.1, "config.reward.alpha"),
     ("data.on_corrupt", "ignore", "config.data.on_corrupt"),
     ("data.train_files", "", "config.data.train_files"),

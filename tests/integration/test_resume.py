@@ -180,3 +180,28 @@ def test_resume_at_the_warmup_grpo_boundary_equals_uninterrupted(single_run, tra
     assert [m["step"] for m in resumed.metrics] == [1, 2, 3, 4]
     assert recorded.texts == single_run.recorded.texts
     assert_same_metrics_and_params(resumed, single_run)
+
+
+@pytest.mark.slow
+def test_a_grpo_seed_gives_an_independent_grpo_stage_that_still_resumes_exactly(single_run, train_files, tmp_path,
+                                                                               monkeypatch):
+    """`grpo.seed` changes GRPO's samples (not the warm-up's), and a run stopped at the warm-up/GRPO
+    boundary and restarted with it equals the uninterrupted run with it: GRPO runs resumed from one
+    warm-up checkpoint are then independent seeds of the GRPO stage."""
+    c = single_device(tiny_config.get_config(train_files))
+    c.grpo.seed = 1
+    uninterrupted = run_training(c, str(tmp_path / "whole"), textual_reward_recorder())
+    sft = c.sft.steps
+    # The warm-up is untouched by grpo.seed; GRPO samples other answers.
+    for got, want in zip(uninterrupted.metrics[:sft], single_run.metrics[:sft]):
+        assert {k: v for k, v in got.items() if not k.startswith(("time", "phase"))} == \
+            pytest.approx({k: v for k, v in want.items() if not k.startswith(("time", "phase"))}, rel=1e-6)
+    assert uninterrupted.recorded.texts != single_run.recorded.texts
+
+    workdir = str(tmp_path / "boundary")
+    with monkeypatch.context() as mp:
+        mp.setattr(train.checkpointing, "PreemptionGuard", lambda: StopAfter(sft))
+        run_training(c, workdir, textual_reward_recorder())
+    resumed = run_training(c, workdir, textual_reward_recorder())
+    assert resumed.recorded.texts == uninterrupted.recorded.texts
+    assert_same_metrics_and_params(resumed, uninterrupted)
