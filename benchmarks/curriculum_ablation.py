@@ -31,10 +31,9 @@ step `sft.steps`, its rendered training and held-out pairs and its tokenizer. Wi
 renders the demo's data (same settings and seeds as `python -m dig_jax.demo`) and runs the demo's warm-up
 once into WORKDIR/warmup, and every arm reuses that.
 
-Each arm runs for `--seeds` GRPO seeds. The seed is `config.seed`, which for a run resumed from the
-warm-up sets only GRPO's data stream (which training pairs, in which order: the loader's seed is
-seed * 1000 + 100 + phase). The sampling key continues the warm-up checkpoint's RNG, so every arm-seed
-starts GRPO with the same key; the rollouts still differ because their prompts differ. Each arm-seed run
+Each arm runs for `--seeds` GRPO seeds: `grpo.seed` = 0, 1, ..., which folds into the key GRPO starts
+from and reseeds GRPO's data stream, so the seeds of an arm sample and read independently although they
+start from the same warm-up checkpoint (and seed s of every arm starts alike). Each arm-seed run
 copies the warm-up checkpoint into its own workdir (WORKDIR/ARM/seed_S), where the trainer resumes from
 it (the newest checkpoint) into GRPO, and then evaluates its final checkpoint on the first
 `--num-eval-pairs` held-out pairs (the same pairs for every run). A wrapper around the run's reward
@@ -116,9 +115,9 @@ def arm_phases(arm: str, grpo_steps: int) -> list[dict]:
 
 
 def arm_config(c, arm: str, seed: int, grpo_steps: int, warmup: dict, num_eval_pairs: int):
-    """The demo config `c` for one arm-seed: its phases and seed, the warm-up's data and tokenizer."""
+    """The demo config `c` for one arm-seed: its phases and GRPO seed, the warm-up's data and tokenizer."""
     c = copy.deepcopy(c)
-    c.seed = seed
+    c.grpo.seed = seed
     c.grpo.steps = grpo_steps
     c.curriculum.phases = arm_phases(arm, grpo_steps)
     c.data.train_files, c.data.eval_files = warmup["train_files"], warmup["eval_files"]

@@ -2,6 +2,7 @@
 evaluate it, and write a report.
 
     python -m dig_jax.demo --workdir=demo_out [--config=configs/demo_cpu.py] [--config.sft.steps=...]
+    python -m dig_jax.demo --workdir=demo_seed1 --warmup_from=demo_out --config.grpo.seed=1  # GRPO seed 1
 
 Every stage resumes: the generator finishes only missing shards, training continues from the newest
 checkpoint, so rerunning after an interruption picks up where it stopped. The report
@@ -27,6 +28,39 @@ _TRAIN_PAIRS = flags.DEFINE_integer("num_train_pairs", 12000, "Rendered training
 _EVAL_PAIRS = flags.DEFINE_integer("num_eval_pairs", 1000, "Rendered held-out pairs (other seeds).")
 _WORKERS = flags.DEFINE_integer("workers", 2, "Rendering processes.")
 _REC_SCENES = flags.DEFINE_integer("num_rec_scenes", 60, "Rendered scenes of the referring-expression set.")
+_WARMUP_FROM = flags.DEFINE_string(
+    "warmup_from", None, "A demo workdir whose rendered data and warm-up checkpoint (step sft.steps) this run "
+    "reuses, so that it runs only GRPO and the evaluations: another GRPO seed with --config.grpo.seed=N.")
+
+
+def adopt_warmup(source: str, workdir: str, sft_steps: int) -> None:
+    """Starts WORKDIR from SOURCE's warm-up: links its rendered data, copies its checkpoint at `sft_steps`,
+    tokenizer and warm-up metrics. The trainer then resumes from that checkpoint into GRPO (with
+    `grpo.seed` set, an independent GRPO stage). A workdir that already has checkpoints keeps them (the
+    demo resumes); SOURCE is only read."""
+    import shutil
+
+    source = os.path.abspath(source)
+    checkpoint = os.path.join(source, "run", "checkpoints", str(sft_steps))
+    if not os.path.isdir(checkpoint):
+        raise FileNotFoundError(f"--warmup_from={source}: no warm-up checkpoint {checkpoint} (a finished demo "
+                                f"workdir with sft.steps = {sft_steps} holds one)")
+    os.makedirs(os.path.join(workdir, "data"), exist_ok=True)
+    for name in ("train", "eval", "rec_tfds"):
+        link = os.path.join(workdir, "data", name)
+        if not os.path.lexists(link):
+            os.symlink(os.path.join(source, "data", name), link)
+    run_dir = os.path.join(workdir, "run")
+    checkpoints = os.path.join(run_dir, "checkpoints")
+    if os.path.isdir(checkpoints) and os.listdir(checkpoints):
+        return
+    shutil.copytree(checkpoint, os.path.join(checkpoints, str(sft_steps)))
+    for entry in os.listdir(os.path.join(source, "run")):
+        if entry.startswith("tokenizer"):  # the ids the warm-up was trained with
+            shutil.copytree(os.path.join(source, "run", entry), os.path.join(run_dir, entry))
+    with open(os.path.join(source, "run", "metrics.jsonl")) as f, \
+            open(os.path.join(run_dir, "metrics.jsonl"), "w") as out:
+        out.writelines(line for line in f if line.strip() and json.loads(line)["step"] <= sft_steps)
 
 
 def render(c, workdir: str) -> tuple[str, str]:
@@ -258,6 +292,8 @@ def main(argv):
     os.makedirs(workdir, exist_ok=True)
     seconds = {}
     t = time.time()
+    if _WARMUP_FROM.value:
+        adopt_warmup(_WARMUP_FROM.value, workdir, c.sft.steps)
     c.data.train_files, c.data.eval_files = render(c, workdir)
     rec_data_dir = render_rec_set(c, workdir)
     seconds["render"] = time.time() - t
