@@ -154,6 +154,9 @@ def _reward(c):
     # Ours, not the paper's (0 = off): + count_weight when a well-formatted answer has as many boxes as
     # there are differences (dig_jax/rl/rewards.py says why).
     c.reward.count_weight = 0.0
+    # Ours, not the paper's (0 = off): - extra_box_penalty per box beyond the number of differences in a
+    # well-formatted answer, pricing over-counting like under-counting (dig_jax/rl/rewards.py says why).
+    c.reward.extra_box_penalty = 0.0
     c.reward.iou_threshold = 0.5
 
 

@@ -168,9 +168,10 @@ def _check_optimisation(c) -> None:
         _fail("reward.alpha", f"must be in [0, 1], got {c.reward.alpha}")
     if not 0 < c.reward.iou_threshold <= 1:
         _fail("reward.iou_threshold", f"must be in (0, 1], got {c.reward.iou_threshold}")
-    count_weight = _value(c, "reward.count_weight")
-    if isinstance(count_weight, bool) or not isinstance(count_weight, (int, float)) or not count_weight >= 0:
-        _fail("reward.count_weight", f"must be a number >= 0 (0 = the paper's reward), got {count_weight!r}")
+    for field in ("reward.count_weight", "reward.extra_box_penalty"):  # ours; 0 = the paper's reward
+        weight = _value(c, field)
+        if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not weight >= 0:
+            _fail(field, f"must be a number >= 0 (0 = the paper's reward), got {weight!r}")
 
 
 def _check_data(c) -> None:

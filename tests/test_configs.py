@@ -133,6 +133,7 @@ def _demo_with_data():
     ("reward.fn", 3),
     ("reward.count_weight", -0.5),
     ("reward.count_weight", "0.1"),
+    ("reward.extra_box_penalty", -0.125),
     ("grpo.scale_by_std", 1),  # a bool, not a truthy number
     ("grpo.scale_by_std", "yes"),
     ("grpo.scoring_chunk", 0),

@@ -7,7 +7,8 @@ Metrics (boxes matched one-to-one by the reward's Hungarian matching; a match co
   count_accuracy            fraction of pairs whose number of predicted boxes equals the truth
   format_rate               fraction of answers that parse as the expected JSON
   reward                    mean DiG reward of the greedy answers (the training objective; always the
-                            paper's, without the optional count term reward.count_weight)
+                            paper's, without our optional count terms reward.count_weight and
+                            reward.extra_box_penalty)
 broken down by number of differences (`by_num_differences/<m>/...`) and by difference kind
 (`by_kind/<kind>/recall`: the fraction of true boxes of that kind that were found; predictions carry
 no kind, so precision is not defined per kind).
@@ -141,11 +142,11 @@ class DigEvaluator:
                                         selection=None, seed=c.seed, shuffle=False, num_epochs=1)
         return cls(model_cfg=ctx.model_cfg, tokenizer=ctx.tokenizer, dataset=dataset,
                    rows_per_process=c.eval.batch_size // jax.process_count(),
-                   # The paper's reward, without our optional count term: held-out rewards of runs
+                   # The paper's reward, without our optional count terms: held-out rewards of runs
                    # trained with and without it stay comparable (count accuracy is its own metric).
                    reward_config=dataclasses.replace(
                        rewards.RewardConfig.from_config(c.reward, ctx.model_cfg.family, c.data.chat_template),
-                       count_weight=0.0),
+                       count_weight=0.0, extra_box_penalty=0.0),
                    max_new_tokens=c.eval.max_new_tokens, num_visualise=c.eval.num_visualise,
                    prompt_bucket=c.data.prompt_bucket, mesh=ctx.mesh, max_pairs=c.eval.num_pairs,
                    patches_per_image=builder.patches_per_image)

@@ -8,12 +8,20 @@ coordinates, because IoU and GIoU do not change under per-axis scaling and the L
 same unit (a fraction of the image) for both families.
 
 Reward (the paper's form; weights in `RewardConfig`):
-    r = (1 - alpha) * (lambda1 * F1 + lambda2 * mean_iou) + alpha * format_ok [+ count_weight * count_ok]
-The bracketed term is ours, not the paper's, and off by default (count_weight 0): count_ok = 1 when a
-well-formatted answer has exactly as many boxes as there are differences. Why it exists: with uncertain
+    r = (1 - alpha) * (lambda1 * F1 + lambda2 * mean_iou) + alpha * format_ok
+        [+ count_weight * count_ok] [- extra_box_penalty * extra_boxes]
+The bracketed terms are ours, not the paper's, and off by default (both weights 0): count_ok = 1 when a
+well-formatted answer has exactly as many boxes as there are differences; extra_boxes = max(0, P - G),
+the boxes a well-formatted answer gives beyond the number of differences. Why they exist: with uncertain
 boxes a second box on a one-difference pair raises the expected F1 + IoU (the matcher keeps the better
-box; README "What it does not learn: counting"), so the paper's reward lets GRPO trade counting for box
-coverage; the count term prices that trade.
+box), while a missing box on a two-difference pair costs a lot, so the paper's reward makes over-counting
+cheap and under-counting dear, and GRPO trades counting for box coverage (README "Pricing the count").
+The count term pays both kinds of right count alike, which leaves that asymmetry in place; the extra-box
+penalty removes it: at box accuracy q, a second box on a one-difference pair gains
+E[r(2 boxes)] - E[r(1 box)] and a missing box on a two-difference pair loses E[r(2)] - E[r(1)] there,
+and a penalty equal to the difference of the two (about 0.125 for q in 0.4-0.6 under the default weights,
+`benchmarks/reward_by_count.py`) makes both mistakes cost the same, so that the reward's best answer is
+the count the model finds more likely.
 Definitions, precisely:
 - Matching: one-to-one Hungarian assignment on cost = l1_weight * mean|p - g| (normalised corners)
   + giou_weight * (1 - GIoU(p, g)); min(P, G) pairs are matched.
@@ -60,6 +68,7 @@ class RewardConfig:
       lambda1: weight of F1 in the accuracy part.
       lambda2: weight of the mean IoU of matched pairs in the accuracy part.
       count_weight: weight of the count term (ours; 0 = the paper's reward), see the module docstring.
+      extra_box_penalty: subtracted per box beyond the number of differences (ours; 0 = the paper's).
       iou_threshold: a matched pair counts as a true positive at IoU >= this.
       l1_cost_weight: matching cost weight of the mean absolute corner difference (normalised coords).
       giou_cost_weight: matching cost weight of (1 - generalised IoU).
@@ -71,6 +80,7 @@ class RewardConfig:
     lambda1: float = 0.5
     lambda2: float = 0.5
     count_weight: float = 0.0
+    extra_box_penalty: float = 0.0
     iou_threshold: float = 0.5
     l1_cost_weight: float = 1.0
     giou_cost_weight: float = 1.0
@@ -78,8 +88,8 @@ class RewardConfig:
     chat_template: str = "instruct"
 
     def __post_init__(self):
-        for name in ("alpha", "lambda1", "lambda2", "count_weight", "iou_threshold", "l1_cost_weight",
-                     "giou_cost_weight"):
+        for name in ("alpha", "lambda1", "lambda2", "count_weight", "extra_box_penalty", "iou_threshold",
+                     "l1_cost_weight", "giou_cost_weight"):
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
                 raise ValueError(f"RewardConfig.{name} must be a finite number >= 0, got {value!r}")
@@ -101,7 +111,8 @@ class RewardConfig:
         """From the config's `reward` section; the family (answer coordinates) comes from the model, the
         template style from `data.chat_template`."""
         return cls(alpha=reward.alpha, lambda1=reward.lambda1, lambda2=reward.lambda2,
-                   count_weight=reward.get("count_weight", 0.0),  # a section without it: the paper's
+                   count_weight=reward.get("count_weight", 0.0),  # a section without them: the paper's
+                   extra_box_penalty=reward.get("extra_box_penalty", 0.0),
                    iou_threshold=reward.iou_threshold, family=family,
                    chat_template=chat_template)
 
@@ -203,7 +214,9 @@ def _metrics(num_pred: int, num_gt: int, matched_iou: np.ndarray, format_ok: boo
     fmt = 1.0 if format_ok else 0.0
     accuracy = config.lambda1 * f1 + config.lambda2 * mean_iou
     count_ok = fmt * float(num_pred == num_gt)
-    reward = (1.0 - config.alpha) * accuracy + config.alpha * fmt + config.count_weight * count_ok
+    extra_boxes = fmt * max(0, num_pred - num_gt)
+    reward = ((1.0 - config.alpha) * accuracy + config.alpha * fmt + config.count_weight * count_ok
+              - config.extra_box_penalty * extra_boxes)
     return {"reward": float(reward), "f1": float(f1), "precision": float(precision),
             "recall": float(recall), "mean_iou": float(mean_iou), "format_ok": fmt,
             "num_pred": float(num_pred), "num_gt": float(num_gt)}

@@ -73,6 +73,21 @@ def test_the_count_term_pays_exactly_the_right_number_of_well_formatted_boxes():
     assert counting.max_reward == pytest.approx(1.2)
 
 
+def test_the_extra_box_penalty_charges_each_box_beyond_the_truth_in_well_formatted_answers():
+    priced = R.RewardConfig(extra_box_penalty=0.125)
+    gt = [[0, 0, 100, 100]]
+    boxes = ([0, 0, 100, 50], [500, 500, 600, 600], [700, 700, 800, 800])
+    for n, extra in ((1, 0), (2, 1), (3, 2)):
+        text = _answer(*boxes[:n])
+        paper, ours = (R.score_answer(text, gt, SQUARE, config=c)["reward"] for c in (CFG, priced))
+        assert ours == pytest.approx(paper - 0.125 * extra), n
+    # Too few boxes cost nothing extra; text that does not parse has no boxes to charge.
+    assert R.score_answer(_answer(boxes[0]), [gt[0], [500, 500, 600, 600]], SQUARE, config=priced)["reward"] == \
+        pytest.approx(R.score_answer(_answer(boxes[0]), [gt[0], [500, 500, 600, 600]], SQUARE, config=CFG)["reward"])
+    assert R.score_answer("no boxes", gt, SQUARE, config=priced)["reward"] == 0.0
+    assert priced.max_reward == pytest.approx(1.0)
+
+
 def test_zero_difference_pairs():
     empty = R.score_answer("[]", [], SQUARE, config=CFG)
     assert empty["reward"] == 1.0 and empty["f1"] == 1.0 and empty["mean_iou"] == 1.0
@@ -320,6 +335,7 @@ def test_batch_matches_per_sample():
     ({"alpha": 1.5}, "alpha"), ({"lambda1": -1}, "lambda1"), ({"iou_threshold": 0}, "iou_threshold"),
     ({"family": "qwen2_vl"}, "family"), ({"l1_cost_weight": float("nan")}, "l1_cost_weight"),
     ({"count_weight": -0.1}, "count_weight"),
+    ({"extra_box_penalty": -0.1}, "extra_box_penalty"),
 ])
 def test_config_errors_name_the_field(kwargs, field):
     with pytest.raises(ValueError, match=f"RewardConfig.{field}"):
