@@ -27,6 +27,18 @@ favours the second box further: the matcher keeps the better of the two, so the 
 hit_iou when either hits. With both parts, 2 boxes beat 1 on a one-difference pair for
   q < q* = 2 - (lambda1 + lambda2 d) / ((2/3) lambda1 + lambda2 d),  d = hit_iou - miss_iou
 (5/7 = 0.714 with the defaults), which the script also finds by bisection on its enumeration.
+
+The second table is the count decision. A model that cannot always see both differences is unsure of
+the count: say it believes a pair holds two differences with probability p (and one with 1 - p). Two
+boxes then pay more than one when p > p* = over / (over + under), where over = E[r | 1 diff, 1 box] -
+E[r | 1 diff, 2 boxes] is the cost of over-counting and under = E[r | 2 diffs, 2 boxes] - E[r | 2 diffs,
+1 box] the cost of under-counting (p* = 0 when over <= 0: two boxes always pay). A reward that counts
+well has p* = 1/2: answer the count you believe more likely. The paper's reward has p* well below 1/2
+(it is 0 for q < 5/7), so GRPO drifts to two boxes on every pair the model is unsure of; the count term
+(`reward.count_weight` w, ours) adds w to both costs, which moves p* toward 1/2 but never onto it; the
+extra-box penalty (`reward.extra_box_penalty` v, ours) adds v to the cost of over-counting only, and
+p* = 1/2 exactly when v = under - over, the "balancing penalty" column. The script checks that the
+product's reward with that penalty gives p* = 1/2.
 """
 from __future__ import annotations
 
@@ -107,6 +119,40 @@ def crossing(fn, lo: float = 1e-9, hi: float = 1 - 1e-9, tol: float = 1e-10) -> 
     return (lo + hi) / 2
 
 
+def count_threshold(reward_of) -> float:
+    """p*: the belief in two differences above which two boxes pay more than one (module docstring).
+    `reward_of(num_gt, num_boxes)` is the expected reward."""
+    over = reward_of(1, 1) - reward_of(1, 2)
+    under = reward_of(2, 2) - reward_of(2, 1)
+    return max(over, 0.0) / (max(over, 0.0) + under)
+
+
+# (label, RewardConfig overrides) of the decision table's reward variants
+VARIANTS = (("paper", {}), ("count_weight 0.1", {"count_weight": 0.1}), ("count_weight 0.2", {"count_weight": 0.2}),
+            ("extra_box_penalty 0.125", {"extra_box_penalty": 0.125}))
+
+
+def decision_rows(qs, hit_iou: float, miss_iou: float) -> list[dict]:
+    """Per q: the costs of over- and under-counting under the paper's reward, the balancing penalty, and
+    p* under each of VARIANTS (each scored by the product's reward with those weights)."""
+    rows = []
+    for q in qs:
+        configs = {label: rewards.RewardConfig(**kw) for label, kw in VARIANTS}
+        reward = {label: (lambda g, k, cfg=cfg: expected(g, k, q, hit_iou, miss_iou, cfg)["reward"])
+                  for label, cfg in configs.items()}
+        paper = reward["paper"]
+        over, under = paper(1, 1) - paper(1, 2), paper(2, 2) - paper(2, 1)
+        row = {"q": q, "over-count cost": over, "under-count cost": under, "balancing penalty": under - over}
+        row.update({f"p* {label}": count_threshold(r) for label, r in reward.items()})
+        balanced = rewards.RewardConfig(extra_box_penalty=under - over) if under - over >= 0 else None
+        if balanced is not None:
+            p_star = count_threshold(lambda g, k: expected(g, k, q, hit_iou, miss_iou, balanced)["reward"])
+            if abs(p_star - 0.5) > 1e-9:
+                raise SystemExit(f"q = {q}: the balancing penalty {under - over:.4f} gives p* = {p_star}, not 1/2")
+        rows.append(row)
+    return rows
+
+
 def parse_args(argv):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--q", default=",".join(f"{q / 10:g}" for q in range(1, 10)),
@@ -152,8 +198,13 @@ def main(argv=None) -> dict:
     print(f"\nOn a one-difference pair 2 boxes beat 1 for q < {q_star:.3f} (closed form {q_closed:.3f}); "
           f"the F1 part alone for q < {q_star_f1:.3f} (closed form 1/2).")
     print(f"E[F1] of the enumeration equals the closed form (max |difference| {worst:.1e}).")
+    decisions = decision_rows(qs, a.hit_iou, a.miss_iou)
+    decision_columns = list(decisions[0])
+    print("\n## The count decision: two boxes pay more than one when the belief in two differences exceeds p*")
+    print(_common.markdown_table(decisions, decision_columns,
+                                 {c: ".3f" for c in decision_columns[1:]} | {"q": ".1f"}))
     out = {"rows": rows, "q_star": q_star, "q_star_f1": q_star_f1, "q_star_closed_form": q_closed,
-           "f1_max_abs_difference": worst}
+           "f1_max_abs_difference": worst, "decisions": decisions}
     _common.write_json(a.json, out)
     return out
 

@@ -170,6 +170,18 @@ def test_reward_by_count_against_hand_computed_rewards(capsys, tmp_path):
     wider = reward_by_count.main(["--q=0.5", "--hit-iou=0.9", "--miss-iou=0.1"])
     assert wider["q_star"] == pytest.approx(2 - 0.9 / (1 / 3 + 0.4), abs=1e-6)
 
+    # The count decision, from the same expectations by hand: over- and under-counting costs, and the
+    # belief in two differences above which two boxes pay (a count term adds w to both costs, the
+    # extra-box penalty v to the over-counting one).
+    for row, d in zip(out["rows"], out["decisions"]):
+        over, under = row["1diff_1box"] - row["1diff_2box"], row["2diff_2box"] - row["2diff_1box"]
+        assert d["over-count cost"] == pytest.approx(over) and d["under-count cost"] == pytest.approx(under)
+        assert d["balancing penalty"] == pytest.approx(under - over)
+        assert d["p* paper"] == (0.0 if over <= 0 else pytest.approx(over / (over + under)))
+        assert d["p* count_weight 0.1"] == pytest.approx((over + 0.1) / (over + under + 0.2))
+        assert d["p* extra_box_penalty 0.125"] == pytest.approx((over + 0.125) / (over + 0.125 + under))
+    assert out["decisions"][1]["p* paper"] == 0.0  # q = 1/2: a second box on a one-difference pair pays
+
 
 def test_aot_plan_matrix_and_unknown_variants(capsys):
     import aot_plan
