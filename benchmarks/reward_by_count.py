@@ -2,6 +2,7 @@
 boxes, as a function of how accurate one box is.
 
     python benchmarks/reward_by_count.py [--q=0.1,0.2,...,0.9] [--hit-iou=0.7] [--miss-iou=0.2] [--json=out.json]
+    python benchmarks/reward_by_count.py --predictions=demo_out/run/eval/step_2100/predictions.jsonl
 
 Why it exists: the demo run warmed up on one- and two-difference pairs learnt to count, and GRPO then
 taught it to answer two boxes for every pair (README, "What it does not learn: counting"). This script
@@ -39,6 +40,13 @@ well has p* = 1/2: answer the count you believe more likely. The paper's reward 
 extra-box penalty (`reward.extra_box_penalty` v, ours) adds v to the cost of over-counting only, and
 p* = 1/2 exactly when v = under - over, the "balancing penalty" column. The script checks that the
 product's reward with that penalty gives p* = 1/2.
+
+`--predictions=FILE` (a DiG evaluation's predictions.jsonl, one line per held-out pair) adds what a
+trained model actually does: for each true and answered number of boxes, the pairs, their mean true
+positives and mean reward (the paper's, as the evaluator scored it). This is where the model above
+is too simple for the demo: its scenes hold two objects, so a second box on a one-difference pair lands
+on the other object, and the two boxes together hit the changed one whenever the model is unsure which
+object changed, not only when a second try at the same object succeeds.
 """
 from __future__ import annotations
 
@@ -153,12 +161,26 @@ def decision_rows(qs, hit_iou: float, miss_iou: float) -> list[dict]:
     return rows
 
 
+def answer_counts(path: str) -> list[dict]:
+    """Per (true boxes, answered boxes) of a DiG evaluation's predictions.jsonl: pairs, mean TP, mean reward."""
+    from dig_jax.eval import stats
+
+    groups: dict[tuple[int, int], list[dict]] = {}
+    for row in stats.read_predictions(path):
+        groups.setdefault((int(row["num_gt"]), int(row["num_pred"])), []).append(row)
+    return [{"true boxes": g, "answered boxes": k, "pairs": len(rows),
+             "mean TP": float(np.mean([r["tp"] for r in rows])),
+             "mean reward": float(np.mean([r["reward"] for r in rows]))}
+            for (g, k), rows in sorted(groups.items())]
+
+
 def parse_args(argv):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--q", default=",".join(f"{q / 10:g}" for q in range(1, 10)),
                    help="box accuracies: the probability that one box reaches IoU >= 0.5 with its target")
     p.add_argument("--hit-iou", type=float, default=0.7, help="IoU of a hit with its target (>= the threshold)")
     p.add_argument("--miss-iou", type=float, default=0.2, help="IoU of a miss with its target (< the threshold)")
+    p.add_argument("--predictions", default="", help="a DiG evaluation's predictions.jsonl: what a model answers")
     p.add_argument("--json", default="")
     return p.parse_args(argv)
 
@@ -205,6 +227,11 @@ def main(argv=None) -> dict:
                                  {c: ".3f" for c in decision_columns[1:]} | {"q": ".1f"}))
     out = {"rows": rows, "q_star": q_star, "q_star_f1": q_star_f1, "q_star_closed_form": q_closed,
            "f1_max_abs_difference": worst, "decisions": decisions}
+    if a.predictions:
+        counts = answer_counts(a.predictions)
+        print(f"\n## What the model answers: {a.predictions}")
+        print(_common.markdown_table(counts, list(counts[0]), {"mean TP": ".3f", "mean reward": ".3f"}))
+        out["answer_counts"] = counts
     _common.write_json(a.json, out)
     return out
 

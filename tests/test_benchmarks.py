@@ -183,6 +183,23 @@ def test_reward_by_count_against_hand_computed_rewards(capsys, tmp_path):
     assert out["decisions"][1]["p* paper"] == 0.0  # q = 1/2: a second box on a one-difference pair pays
 
 
+def test_reward_by_count_groups_an_evaluation_by_true_and_answered_boxes(tmp_path, capsys):
+    import json
+
+    import reward_by_count
+
+    rows = [(1, 1, 1, 0.9), (1, 1, 0, 0.1), (1, 2, 1, 0.7), (2, 2, 2, 1.0), (2, 2, 1, 0.6)]  # gt, pred, tp, reward
+    path = tmp_path / "predictions.jsonl"
+    path.write_text("".join(json.dumps({"seed": i, "num_gt": g, "num_pred": k, "tp": tp, "reward": r}) + "\n"
+                            for i, (g, k, tp, r) in enumerate(rows)))
+    out = reward_by_count.main(["--q=0.5", f"--predictions={path}"])
+    assert out["answer_counts"] == [
+        {"true boxes": 1, "answered boxes": 1, "pairs": 2, "mean TP": 0.5, "mean reward": pytest.approx(0.5)},
+        {"true boxes": 1, "answered boxes": 2, "pairs": 1, "mean TP": 1.0, "mean reward": pytest.approx(0.7)},
+        {"true boxes": 2, "answered boxes": 2, "pairs": 2, "mean TP": 1.5, "mean reward": pytest.approx(0.8)}]
+    assert "| 1 | 2 | 1 | 1.000 | 0.700 |" in capsys.readouterr().out
+
+
 def test_aot_plan_matrix_and_unknown_variants(capsys):
     import aot_plan
 
