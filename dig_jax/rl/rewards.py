@@ -19,9 +19,10 @@ cheap and under-counting dear, and GRPO trades counting for box coverage (README
 The count term pays both kinds of right count alike, which leaves that asymmetry in place; the extra-box
 penalty removes it: at box accuracy q, a second box on a one-difference pair gains
 E[r(2 boxes)] - E[r(1 box)] and a missing box on a two-difference pair loses E[r(2)] - E[r(1)] there,
-and a penalty equal to the difference of the two (about 0.125 for q in 0.4-0.6 under the default weights,
-`benchmarks/reward_by_count.py`) makes both mistakes cost the same, so that the reward's best answer is
-the count the model finds more likely.
+and a penalty equal to the difference of the two makes both mistakes cost the same, so that the reward's
+best answer is the count the model finds more likely: about 0.125 for q in 0.4-0.6 under the default
+weights when every box aims at a true box (`benchmarks/reward_by_count.py`), more where a second box can
+cover a second guess (the demo's two-object scenes: it uses 0.17).
 Definitions, precisely:
 - Matching: one-to-one Hungarian assignment on cost = l1_weight * mean|p - g| (normalised corners)
   + giou_weight * (1 - GIoU(p, g)); min(P, G) pairs are matched.
