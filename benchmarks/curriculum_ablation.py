@@ -52,12 +52,10 @@ Resumable: an arm-seed whose final evaluation (metrics.json and predictions.json
 partly trained one continues from its newest checkpoint, and the warm-up and rendering finish only what is
 missing.
 
-Time on the 2-core development machine: the demo's GRPO iteration takes about 1 s (README: 0.99 s with
-response-length buckets on one-difference batches; two-box batches score 80 positions instead of 48, so
-up to ~1.2 s), and evaluation about 9 s per 200 pairs. The default, 3 arms x 2 seeds x 300 iterations,
-is then about 6 x (300-360 s of GRPO + ~45 s for 1,000 held-out pairs + ~30 s of start-up and
-compilation) = 38-44 min with --demo-dir; without it, rendering 13,000 pairs (~4 min) and the
-2,200-step warm-up (~14 min) make it about an hour.
+Time on the 2-core development machine, measured (2026-12-02, on a fresh clone's `make demo` output):
+29 min 6 s for the default 3 arms x 2 seeds x 300 iterations with --demo-dir, 274-299 s per arm-seed
+(GRPO at ~0.75 s per iteration, evaluation of 1,000 held-out pairs, start-up and compilation). Without
+--demo-dir, rendering 13,000 pairs (~2.5 min) and the demo's 1,800-step warm-up (~7 min) come first.
 """
 from __future__ import annotations
 
