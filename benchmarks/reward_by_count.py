@@ -5,7 +5,7 @@ boxes, as a function of how accurate one box is.
     python benchmarks/reward_by_count.py --predictions=demo_out/run/eval/step_2100/predictions.jsonl
 
 Why it exists: the demo run warmed up on one- and two-difference pairs learnt to count, and GRPO then
-taught it to answer two boxes for every pair (README, "What it does not learn: counting"). This script
+taught it to answer two boxes for every pair (README, "Pricing the count"). This script
 shows that the reward itself pays for that bet while boxes are uncertain, with the product's reward
 (`dig_jax.rl.rewards.score_boxes`, default `RewardConfig`: alpha 0.1, lambda1 = lambda2 = 0.5, IoU 0.5),
 not a re-derivation of it.

@@ -9,8 +9,9 @@ What differs from the paper's setting, and why: the model is tiny and randomly i
 downloads), so it first learns the answer format, the task and counting from a supervised warm-up on
 rendered one- and two-difference pairs with known boxes; GRPO then continues through a two-phase
 curriculum (one difference, then one or two), with our extra-box penalty on (README "Pricing the
-count": under the paper's reward alone GRPO learns to box both objects of every scene and stops counting). Images are rendered at 128 px, a close-up of two objects, with the most
-visible kinds (add, remove, color), and kept at 128 px by the processor (min_pixels lowered from Qwen3-VL's 256^2):
+count": under the paper's reward alone GRPO learns to box both objects of every scene and stops
+counting). Images are rendered at 128 px, a close-up of two objects, with the most visible kinds
+(add, remove, color), and kept at 128 px by the processor (min_pixels lowered from Qwen3-VL's 256^2):
 8x8 patches of 16 px, 16 merged tokens per image. The tokenizer is the compact variant (special tokens
 right after the 1k BPE tokens), so the output layer is 1.2k wide instead of 152k.
 """
@@ -52,7 +53,7 @@ def get_config(arg=None):
     c.data.prompt = "Find every difference between the two pictures. Answer with JSON boxes."
     c.data.prompt_bucket = 16
 
-    c.sft.steps = 1800  # two-box answers make a step ~1.6x dearer than one-box ones: 1,800, not 2,200
+    c.sft.steps = 1800  # ~8 min here; with rendering, GRPO and evaluation the demo takes ~15 of its 30 min
     c.sft.batch_size = 16
     c.sft.learning_rate = 2e-3
     c.sft.num_differences = (1, 2)  # the warm-up teaches counting; a one-difference one always answers one box
@@ -62,8 +63,8 @@ def get_config(arg=None):
     c.optim.weight_decay = 0.0
 
     c.grpo.steps = 300
-    # 4 prompts x 8 samples (not 8 x 4): the same 32 rollouts, but a group holds both answer counts more
-    # often, so the count decision gets an advantage signal.
+    # 4 prompts x 8 samples (not 8 x 4): the same 32 rollouts, but a group more often holds both answer
+    # counts, which is what gives the count decision an advantage (README "Pricing the count" has both).
     c.grpo.prompts_per_batch = 4
     c.grpo.group_size = 8
     c.grpo.seed = 0  # another GRPO seed from the same warm-up: --warmup_from=demo_out --config.grpo.seed=1

@@ -143,7 +143,7 @@ class DigEvaluator:
         return cls(model_cfg=ctx.model_cfg, tokenizer=ctx.tokenizer, dataset=dataset,
                    rows_per_process=c.eval.batch_size // jax.process_count(),
                    # The paper's reward, without our optional count terms: held-out rewards of runs
-                   # trained with and without it stay comparable (count accuracy is its own metric).
+                   # trained with and without them stay comparable (count accuracy is its own metric).
                    reward_config=dataclasses.replace(
                        rewards.RewardConfig.from_config(c.reward, ctx.model_cfg.family, c.data.chat_template),
                        count_weight=0.0, extra_box_penalty=0.0),
