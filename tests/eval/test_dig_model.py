@@ -53,11 +53,11 @@ def test_evaluate_twice_then_run_eval_on_the_checkpoint(eval_config, tmp_path, c
         assert [json.loads(line) for line in f] == lines
 
 
-def test_the_held_out_reward_is_the_papers_whatever_count_term_training_used(eval_config, tmp_path):
+def test_the_held_out_reward_is_the_papers_whatever_count_terms_training_used(eval_config, tmp_path):
     c = eval_config
-    c.reward.count_weight = 0.3  # trained with our count term ...
+    c.reward.count_weight, c.reward.extra_box_penalty = 0.3, 0.17  # trained with our count terms ...
     evaluator = dig.DigEvaluator.from_context(eval_context(c, str(tmp_path)))
-    c.reward.count_weight = 0.0  # ... evaluated with the paper's reward
+    c.reward.count_weight, c.reward.extra_box_penalty = 0.0, 0.0  # ... evaluated with the paper's reward
     assert evaluator.reward_config == rewards.RewardConfig.from_config(c.reward, "qwen3_vl", c.data.chat_template)
 
 
