@@ -143,18 +143,18 @@ VARIANTS = (("paper", {}), ("count_weight 0.1", {"count_weight": 0.1}), ("count_
 def decision_rows(qs, hit_iou: float, miss_iou: float) -> list[dict]:
     """Per q: the costs of over- and under-counting under the paper's reward, the balancing penalty, and
     p* under each of VARIANTS (each scored by the product's reward with those weights)."""
+    configs = {label: rewards.RewardConfig(**kw) for label, kw in VARIANTS}
     rows = []
     for q in qs:
-        configs = {label: rewards.RewardConfig(**kw) for label, kw in VARIANTS}
-        reward = {label: (lambda g, k, cfg=cfg: expected(g, k, q, hit_iou, miss_iou, cfg)["reward"])
-                  for label, cfg in configs.items()}
-        paper = reward["paper"]
+        def reward_under(cfg):
+            return lambda g, k: expected(g, k, q, hit_iou, miss_iou, cfg)["reward"]
+
+        paper = reward_under(configs["paper"])
         over, under = paper(1, 1) - paper(1, 2), paper(2, 2) - paper(2, 1)
         row = {"q": q, "over-count cost": over, "under-count cost": under, "balancing penalty": under - over}
-        row.update({f"p* {label}": count_threshold(r) for label, r in reward.items()})
-        balanced = rewards.RewardConfig(extra_box_penalty=under - over) if under - over >= 0 else None
-        if balanced is not None:
-            p_star = count_threshold(lambda g, k: expected(g, k, q, hit_iou, miss_iou, balanced)["reward"])
+        row.update({f"p* {label}": count_threshold(reward_under(cfg)) for label, cfg in configs.items()})
+        if under - over >= 0:  # the penalty must be a valid weight; then it balances the decision exactly
+            p_star = count_threshold(reward_under(rewards.RewardConfig(extra_box_penalty=under - over)))
             if abs(p_star - 0.5) > 1e-9:
                 raise SystemExit(f"q = {q}: the balancing penalty {under - over:.4f} gives p* = {p_star}, not 1/2")
         rows.append(row)
