@@ -46,7 +46,11 @@ trained model actually does: for each true and answered number of boxes, the pai
 positives and mean reward (the paper's, as the evaluator scored it). This is where the model above
 is too simple for the demo: its scenes hold two objects, so a second box on a one-difference pair lands
 on the other object, and the two boxes together hit the changed one whenever the model is unsure which
-object changed, not only when a second try at the same object succeeds.
+object changed, not only when a second try at the same object succeeds. A second table groups the same
+pairs by the kinds of their differences ("color", "remove", "color+remove", ...): the share answered
+with one and with two boxes, count accuracy, mean TP and mean reward. It shows which changes the model
+sees: a model that finds removals but not colour changes cannot tell a removal alone from a removal
+plus a recoloured partner, and its count on those pairs is a guess whatever the reward.
 """
 from __future__ import annotations
 
@@ -174,6 +178,27 @@ def answer_counts(path: str) -> list[dict]:
             for (g, k), rows in sorted(groups.items())]
 
 
+def pair_kind_counts(path: str) -> list[dict]:
+    """Per kind of pair (its differences' kinds, sorted and joined by '+', e.g. "color+remove") of a DiG
+    evaluation's predictions.jsonl: pairs, the share answered with 1 and 2 boxes, count accuracy, mean
+    TP and mean reward. Lines without `gt_kinds` are skipped (an empty list when none has them)."""
+    from dig_jax.eval import stats
+
+    groups: dict[str, list[dict]] = {}
+    for row in stats.read_predictions(path):
+        if "gt_kinds" in row:
+            groups.setdefault("+".join(sorted(row["gt_kinds"])), []).append(row)
+    out = []
+    for kinds, rows in sorted(groups.items(), key=lambda item: (item[0].count("+"), item[0])):
+        answered = np.array([int(r["num_pred"]) for r in rows])
+        out.append({"differences": kinds, "pairs": len(rows), "answered 1": float(np.mean(answered == 1)),
+                    "answered 2": float(np.mean(answered == 2)),
+                    "count accuracy": float(np.mean(answered == np.array([int(r["num_gt"]) for r in rows]))),
+                    "mean TP": float(np.mean([r["tp"] for r in rows])),
+                    "mean reward": float(np.mean([r["reward"] for r in rows]))})
+    return out
+
+
 def parse_args(argv):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--q", default=",".join(f"{q / 10:g}" for q in range(1, 10)),
@@ -232,6 +257,11 @@ def main(argv=None) -> dict:
         print(f"\n## What the model answers: {a.predictions}")
         print(_common.markdown_table(counts, list(counts[0]), {"mean TP": ".3f", "mean reward": ".3f"}))
         out["answer_counts"] = counts
+        out["pair_kinds"] = pair_kind_counts(a.predictions)
+        if out["pair_kinds"]:
+            columns = list(out["pair_kinds"][0])
+            print("\n## By the kinds of the pair's differences")
+            print(_common.markdown_table(out["pair_kinds"], columns, {c: ".3f" for c in columns[2:]}))
     _common.write_json(a.json, out)
     return out
 

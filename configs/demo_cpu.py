@@ -45,6 +45,7 @@ def get_config(arg=None):
     c.demo.camera_fovy = 10.0
     c.demo.placement_radius = 0.10
     c.demo.kinds = ("add", "remove", "color")
+    c.demo.kind_weights = ml_collections.config_dict.placeholder(tuple)  # None: uniform over kinds
 
     c.data.min_pixels = 128 * 128
     c.data.max_pixels = 128 * 128

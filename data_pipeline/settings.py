@@ -129,7 +129,7 @@ def demo_settings(demo) -> ml_collections.ConfigDict:
     """The generator settings of the CPU demo's data: one or two differences of `demo.kinds`.
 
     `demo` is the `demo` section of a training config (configs/demo_cpu.py): resolution, min/max_objects,
-    camera_fovy, placement_radius, kinds. dig_jax.demo and benchmarks/demo_learnability.py both render
+    camera_fovy, placement_radius, kinds and (optional) kind_weights. dig_jax.demo and benchmarks/demo_learnability.py both render
     with it, so they see the same scenes.
     """
     g = get_config(str(demo.resolution))
@@ -137,4 +137,5 @@ def demo_settings(demo) -> ml_collections.ConfigDict:
     g.min_objects, g.max_objects = demo.min_objects, demo.max_objects
     g.camera_fovy, g.placement_radius = demo.camera_fovy, demo.placement_radius
     g.kinds = tuple(demo.kinds)
+    g.kind_weights = None if demo.get("kind_weights") is None else tuple(demo.kind_weights)
     return g

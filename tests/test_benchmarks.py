@@ -200,6 +200,27 @@ def test_reward_by_count_groups_an_evaluation_by_true_and_answered_boxes(tmp_pat
     assert "| 1 | 2 | 1 | 1.000 | 0.700 |" in capsys.readouterr().out
 
 
+def test_reward_by_count_groups_an_evaluation_by_the_kinds_of_its_pairs(tmp_path, capsys):
+    import json
+
+    import reward_by_count
+
+    rows = [(["color"], 1, 0, 0.4), (["color"], 2, 1, 0.6), (["remove"], 1, 1, 0.9),
+            (["remove", "color"], 1, 1, 0.7), (["color", "remove"], 2, 2, 1.0)]  # kinds, pred, tp, reward
+    path = tmp_path / "predictions.jsonl"
+    path.write_text("".join(json.dumps({"seed": i, "num_gt": len(k), "num_pred": n, "tp": tp, "reward": r,
+                                        "gt_kinds": k}) + "\n" for i, (k, n, tp, r) in enumerate(rows)))
+    out = reward_by_count.main(["--q=0.5", f"--predictions={path}"])
+    assert out["pair_kinds"] == [
+        {"differences": "color", "pairs": 2, "answered 1": 0.5, "answered 2": 0.5, "count accuracy": 0.5,
+         "mean TP": 0.5, "mean reward": pytest.approx(0.5)},
+        {"differences": "remove", "pairs": 1, "answered 1": 1.0, "answered 2": 0.0, "count accuracy": 1.0,
+         "mean TP": 1.0, "mean reward": pytest.approx(0.9)},
+        {"differences": "color+remove", "pairs": 2, "answered 1": 0.5, "answered 2": 0.5, "count accuracy": 0.5,
+         "mean TP": 1.5, "mean reward": pytest.approx(0.85)}]
+    assert "| color+remove | 2 | 0.500 | 0.500 | 0.500 | 1.500 | 0.850 |" in capsys.readouterr().out
+
+
 def test_aot_plan_matrix_and_unknown_variants(capsys):
     import aot_plan
 

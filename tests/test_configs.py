@@ -44,6 +44,22 @@ def test_demo_config_validates_on_one_device():
     Curriculum(list(c.curriculum.phases))
 
 
+def test_demo_data_settings_carry_the_demo_kinds_and_weights():
+    from data_pipeline import settings
+
+    c = demo_cpu.get_config()
+    g = settings.demo_settings(c.demo)
+    settings.validate(g)
+    assert g.kinds == tuple(c.demo.kinds) and g.kind_weights == (
+        None if c.demo.kind_weights is None else tuple(c.demo.kind_weights))
+    c.demo.kinds, c.demo.kind_weights = ("remove", "color"), (1, 3)
+    g = settings.demo_settings(c.demo)
+    assert (g.kinds, g.kind_weights) == (("remove", "color"), (1, 3))
+    c.demo.kind_weights = (1, 2, 3)
+    with pytest.raises(ValueError, match="kind_weights"):
+        settings.validate(settings.demo_settings(c.demo))
+
+
 def test_full_size_preset_without_checkpoint_is_refused():
     c = base.get_config()
     c.model.preset = "qwen3_vl_8b"
