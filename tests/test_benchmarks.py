@@ -244,3 +244,66 @@ def test_aot_plan_smoke_plans_the_demo_on_v5e_4(capsys):
     _finite_positive(row, ["live_GiB", "hbm_GiB", "token_GFLOPs", "decode_step_ms", "eval_coll_GiB"])
     assert row["live_GiB"] < row["hbm_GiB"] == 15.75
     assert f"| demo@128 | v5e-4 | {row['mesh']} | FITS |" in capsys.readouterr().out
+
+
+def test_change_visibility_measures_against_hand_made_images_and_embeddings():
+    import change_visibility as cv
+
+    a = np.zeros((8, 8, 3), np.uint8)
+    b = a.copy()
+    b[0:2, 0:4, 1] = 30  # 8 pixels changed by 30 > 24
+    b[2:4, 0:4, 2] = 20  # 8 pixels changed by 20: below the threshold
+    assert cv.changed_fraction(a, b, (0, 0, 4, 4), threshold=24) == pytest.approx(8 / 16)
+    assert cv.changed_fraction(a, b, (0.5, 0.5, 3.2, 1.0), threshold=24) == pytest.approx(1.0)  # cut to [0,4)x[0,1)
+    assert cv.changed_fraction(a, b, (6, 6, 6, 9), threshold=24) == 0.0  # empty inside the image
+    assert cv.best_iou((0, 0, 4, 4), np.array([[0, 0, 4, 2], [2, 0, 6, 4]])) == pytest.approx(0.5)
+    assert cv.best_iou((0, 0, 4, 4), np.zeros((0, 4))) == 0.0
+
+    boxes = ([{"kind": "color", "changed fraction": f, "found": hit} for f, hit in
+              ((0.1, False), (0.2, False), (0.8, True), (0.9, True))]
+             + [{"kind": "remove", "changed fraction": 0.5, "found": True}])
+    rows = cv.recall_by_visibility(boxes, bins=2)
+    assert rows == [{"kind": "color", "changed fraction": "0.10-0.50", "boxes": 2, "recall": 0.0},
+                    {"kind": "color", "changed fraction": "0.50-0.90", "boxes": 2, "recall": 1.0},
+                    {"kind": "color", "changed fraction": "all", "boxes": 4, "recall": 0.5},
+                    {"kind": "remove", "changed fraction": "0.50-0.50", "boxes": 1, "recall": 1.0},
+                    {"kind": "remove", "changed fraction": "all", "boxes": 1, "recall": 1.0}]
+
+    e_a = np.ones((2, 2, 3))  # a 2 x 2 token grid, one token per 32 px
+    e_b = e_a.copy()
+    e_b[0, 1] = [1.0, 1.0, 4.0]  # |diff| = 3, |a| = sqrt(3), |b| = sqrt(18)
+    e_b[1, 0] = [1.0, 1.0, 2.0]  # |diff| = 1, |b| = sqrt(6)
+    out = cv.token_changes(e_a, e_b, [("color", (40, 0, 60, 30))], token_px=32)
+    assert out["color"] == [pytest.approx(3 / np.sqrt(np.sqrt(3) * np.sqrt(18)))]
+    assert out["no difference"] == [pytest.approx(1 / np.sqrt(np.sqrt(3) * np.sqrt(6)))]
+    assert "no difference" not in cv.token_changes(e_a, e_b, [("remove", (0, 0, 64, 64))], token_px=32)
+
+
+def test_change_visibility_recall_on_rendered_pairs_equals_the_direct_count(tmp_path, capsys):
+    """The script's recall per kind, on rendered pairs with hand-made predictions (every first true box
+    answered exactly, the others answered off target), equals the count of first boxes per kind."""
+    import collections
+    import json
+
+    import change_visibility as cv
+    from tests.tiny_data import render_tiny_dataset
+
+    pattern = render_tiny_dataset(str(tmp_path / "data" / "eval"), 6, seed=3, differences=(1, 2), num_shards=1)
+    records = cv.read_records(pattern)
+    lines, found, total = [], collections.Counter(), collections.Counter()
+    for seed, record in records.items():
+        boxes = [d["box"] for d in record["differences"]]
+        kinds = [d["kind"] for d in record["differences"]]
+        lines.append({"seed": seed, "gt_boxes": boxes, "gt_kinds": kinds,
+                      "pred_boxes": [boxes[0], [0.0, 0.0, 1.0, 1.0]]})
+        found[kinds[0]] += 1
+        total.update(kinds)
+    step_dir = tmp_path / "run" / "eval" / "step_7"
+    step_dir.mkdir(parents=True)
+    (step_dir / "predictions.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
+    out = cv.main([f"--workdir={tmp_path}", "--step=7", "--token-pairs=0"])
+    overall = {r["kind"]: (r["boxes"], r["recall"]) for r in out["recall_by_visibility"] if r["changed fraction"] == "all"}
+    assert overall == {k: (total[k], pytest.approx(found[k] / total[k])) for k in total}
+    assert "| all |" in capsys.readouterr().out
+    with pytest.raises(FileNotFoundError, match="step_8/predictions.jsonl"):
+        cv.main([f"--workdir={tmp_path}", "--step=8", "--token-pairs=0"])
