@@ -43,6 +43,8 @@ bench: venv
 	$(VPY) benchmarks/train_step.py
 	$(VPY) benchmarks/demo_learnability.py
 	$(VPY) benchmarks/reward_by_count.py
+	# which changes the demo's warm-up sees (needs make demo's workdir)
+	$(if $(wildcard demo_out/run/eval),$(VPY) benchmarks/change_visibility.py --workdir=demo_out,)
 	# from make demo's warm-up when demo_out holds one (else the script runs the warm-up itself)
 	$(VPY) benchmarks/curriculum_ablation.py $(if $(wildcard demo_out/run/checkpoints),--demo-dir=demo_out,)
 	$(VPY) benchmarks/aot_plan.py

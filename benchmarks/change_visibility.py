@@ -1,12 +1,13 @@
 """Which changes a trained model sees: recall by kind against how visible each change is, and how much the
 vision tower's tokens move where it happened.
 
-    python benchmarks/change_visibility.py --workdir=demo_out --step=1800 [--token-pairs=200] [--json=out.json]
+    python benchmarks/change_visibility.py --workdir=demo_out [--step=N] [--token-pairs=200] [--json=out.json]
 
 Why it exists: the demo's model finds removed objects and not recoloured ones (README, "What the model
 sees"), and the count of a pair it cannot fully see is a guess whatever the reward pays. Two questions
 decide what to do about that, and this script answers both from a finished demo workdir (its held-out
-pairs in `data/eval`, the DiG evaluation of checkpoint `--step` in `run/eval/step_N`, the checkpoint):
+pairs in `data/eval`, the DiG evaluation of checkpoint `--step` in `run/eval/step_N`, the checkpoint;
+by default the earliest evaluated step, the warm-up):
 
 1. Is the miss a matter of how visible the change is? Every true box of the evaluation gets its
    *changed fraction*: the share of its pixels whose largest channel difference between the two images
@@ -175,7 +176,9 @@ def vision_token_changes(workdir: str, step: int, records: list[dict]) -> dict[s
 def parse_args(argv):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--workdir", required=True, help="a finished demo workdir (data/eval, run/)")
-    p.add_argument("--step", type=int, required=True, help="the evaluated checkpoint (run/eval/step_N)")
+    p.add_argument("--step", type=int, default=None,
+                   help="the evaluated checkpoint (run/eval/step_N); default: the earliest evaluated one, which "
+                        "in a demo workdir is the warm-up")
     p.add_argument("--token-pairs", type=int, default=200, help="pairs whose vision tokens are compared (0: skip)")
     p.add_argument("--json", default="")
     return p.parse_args(argv)
@@ -185,6 +188,12 @@ def main(argv=None) -> dict:
     a = parse_args(argv)
     from dig_jax.eval import stats
 
+    if a.step is None:
+        evaluated = sorted(int(d[len("step_"):]) for d in os.listdir(os.path.join(a.workdir, "run", "eval"))
+                           if d.startswith("step_") and d[len("step_"):].isdigit())
+        if not evaluated:
+            raise FileNotFoundError(f"{a.workdir}/run/eval holds no step_N evaluation")
+        a.step = evaluated[0]
     predictions_path = os.path.join(a.workdir, "run", "eval", f"step_{a.step}", "predictions.jsonl")
     if not os.path.exists(predictions_path):
         raise FileNotFoundError(f"{predictions_path} does not exist: evaluate checkpoint {a.step} first "

@@ -305,5 +305,6 @@ def test_change_visibility_recall_on_rendered_pairs_equals_the_direct_count(tmp_
     overall = {r["kind"]: (r["boxes"], r["recall"]) for r in out["recall_by_visibility"] if r["changed fraction"] == "all"}
     assert overall == {k: (total[k], pytest.approx(found[k] / total[k])) for k in total}
     assert "| all |" in capsys.readouterr().out
+    assert cv.main([f"--workdir={tmp_path}", "--token-pairs=0"]) == out  # the earliest evaluated step
     with pytest.raises(FileNotFoundError, match="step_8/predictions.jsonl"):
         cv.main([f"--workdir={tmp_path}", "--step=8", "--token-pairs=0"])
