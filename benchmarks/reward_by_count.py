@@ -48,7 +48,8 @@ is too simple for the demo: its scenes hold two objects, so a second box on a on
 on the other object, and the two boxes together hit the changed one whenever the model is unsure which
 object changed, not only when a second try at the same object succeeds. A second table groups the same
 pairs by the kinds of their differences ("color", "remove", "color+remove", ...): the share answered
-with one and with two boxes, count accuracy, mean TP and mean reward. It shows which changes the model
+with one and with two boxes, count accuracy, mean TP, mean reward, and the mean reward of the pairs
+answered with one box and of those answered with two. It shows which changes the model
 sees: a model that finds removals but not colour changes cannot tell a removal alone from a removal
 plus a recoloured partner, and its count on those pairs is a guess whatever the reward.
 """
@@ -181,7 +182,9 @@ def answer_counts(path: str) -> list[dict]:
 def pair_kind_counts(path: str) -> list[dict]:
     """Per kind of pair (its differences' kinds, sorted and joined by '+', e.g. "color+remove") of a DiG
     evaluation's predictions.jsonl: pairs, the share answered with 1 and 2 boxes, count accuracy, mean
-    TP and mean reward. Lines without `gt_kinds` are skipped (an empty list when none has them)."""
+    TP, mean reward, and the mean reward of the pairs answered with 1 and with 2 boxes (NaN when none
+    was): what a second box earned on that kind of pair. Lines without `gt_kinds` are skipped (an empty
+    list when none has them)."""
     from dig_jax.eval import stats
 
     groups: dict[str, list[dict]] = {}
@@ -191,11 +194,13 @@ def pair_kind_counts(path: str) -> list[dict]:
     out = []
     for kinds, rows in sorted(groups.items(), key=lambda item: (item[0].count("+"), item[0])):
         answered = np.array([int(r["num_pred"]) for r in rows])
+        reward = np.array([r["reward"] for r in rows], np.float64)
         out.append({"differences": kinds, "pairs": len(rows), "answered 1": float(np.mean(answered == 1)),
                     "answered 2": float(np.mean(answered == 2)),
                     "count accuracy": float(np.mean(answered == np.array([int(r["num_gt"]) for r in rows]))),
-                    "mean TP": float(np.mean([r["tp"] for r in rows])),
-                    "mean reward": float(np.mean([r["reward"] for r in rows]))})
+                    "mean TP": float(np.mean([r["tp"] for r in rows])), "mean reward": float(reward.mean()),
+                    "reward, 1 box": float(reward[answered == 1].mean()) if (answered == 1).any() else float("nan"),
+                    "reward, 2 boxes": float(reward[answered == 2].mean()) if (answered == 2).any() else float("nan")})
     return out
 
 

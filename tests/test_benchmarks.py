@@ -211,14 +211,15 @@ def test_reward_by_count_groups_an_evaluation_by_the_kinds_of_its_pairs(tmp_path
     path.write_text("".join(json.dumps({"seed": i, "num_gt": len(k), "num_pred": n, "tp": tp, "reward": r,
                                         "gt_kinds": k}) + "\n" for i, (k, n, tp, r) in enumerate(rows)))
     out = reward_by_count.main(["--q=0.5", f"--predictions={path}"])
+    nan = pytest.approx(float("nan"), nan_ok=True)
     assert out["pair_kinds"] == [
         {"differences": "color", "pairs": 2, "answered 1": 0.5, "answered 2": 0.5, "count accuracy": 0.5,
-         "mean TP": 0.5, "mean reward": pytest.approx(0.5)},
+         "mean TP": 0.5, "mean reward": pytest.approx(0.5), "reward, 1 box": 0.4, "reward, 2 boxes": 0.6},
         {"differences": "remove", "pairs": 1, "answered 1": 1.0, "answered 2": 0.0, "count accuracy": 1.0,
-         "mean TP": 1.0, "mean reward": pytest.approx(0.9)},
+         "mean TP": 1.0, "mean reward": pytest.approx(0.9), "reward, 1 box": 0.9, "reward, 2 boxes": nan},
         {"differences": "color+remove", "pairs": 2, "answered 1": 0.5, "answered 2": 0.5, "count accuracy": 0.5,
-         "mean TP": 1.5, "mean reward": pytest.approx(0.85)}]
-    assert "| color+remove | 2 | 0.500 | 0.500 | 0.500 | 1.500 | 0.850 |" in capsys.readouterr().out
+         "mean TP": 1.5, "mean reward": pytest.approx(0.85), "reward, 1 box": 0.7, "reward, 2 boxes": 1.0}]
+    assert "| color+remove | 2 | 0.500 | 0.500 | 0.500 | 1.500 | 0.850 | 0.700 | 1.000 |" in capsys.readouterr().out
 
 
 def test_aot_plan_matrix_and_unknown_variants(capsys):
