@@ -55,7 +55,7 @@ missing.
 Time on the 2-core development machine, measured (2026-12-02, on a fresh clone's `make demo` output):
 29 min 6 s for the default 3 arms x 2 seeds x 300 iterations with --demo-dir, 274-299 s per arm-seed
 (GRPO at ~0.75 s per iteration, evaluation of 1,000 held-out pairs, start-up and compilation). Without
---demo-dir, rendering 13,000 pairs (~2.5 min) and the demo's 1,800-step warm-up (~7 min) come first.
+--demo-dir, rendering 13,000 pairs (~2.5 min) and the demo's 3,600-step warm-up (~15 min) come first.
 """
 from __future__ import annotations
 
