@@ -8,10 +8,9 @@
 What differs from the paper's setting, and why: the model is tiny and randomly initialised (no
 downloads), so it first learns the answer format, the task and (as far as it sees the changes: it finds
 removals, not colour changes) counting from a supervised warm-up on rendered one- and two-difference
-pairs with known boxes; GRPO then continues through a two-phase
-curriculum (one difference, then one or two), with our extra-box penalty on (README "Pricing the
-count": under the paper's reward alone GRPO learns to box both objects of every scene and stops
-counting). Images are rendered at 128 px, a close-up of two objects, with the most visible kinds
+pairs with known boxes; GRPO then continues through a two-phase curriculum (one difference, then one or
+two), with our extra-box penalty on (README "Pricing the count": under the paper's reward alone GRPO
+learns to box both objects of every scene and stops counting). Images are rendered at 128 px, a close-up of two objects, with the most visible kinds
 (add, remove, color), and kept at 128 px by the processor (min_pixels lowered from Qwen3-VL's 256^2):
 8x8 patches of 16 px, 16 merged tokens per image. The tokenizer is the compact variant (special tokens
 right after the 1k BPE tokens), so the output layer is 1.2k wide instead of 152k.

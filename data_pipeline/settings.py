@@ -129,8 +129,8 @@ def demo_settings(demo) -> ml_collections.ConfigDict:
     """The generator settings of the CPU demo's data: one or two differences of `demo.kinds`.
 
     `demo` is the `demo` section of a training config (configs/demo_cpu.py): resolution, min/max_objects,
-    camera_fovy, placement_radius, kinds and (optional) kind_weights. dig_jax.demo and benchmarks/demo_learnability.py both render
-    with it, so they see the same scenes.
+    camera_fovy, placement_radius, kinds and (optional) kind_weights. dig_jax.demo and
+    benchmarks/demo_learnability.py both render with it, so they see the same scenes.
     """
     g = get_config(str(demo.resolution))
     g.num_differences_min, g.num_differences_max = 1, 2

@@ -303,7 +303,8 @@ def test_change_visibility_recall_on_rendered_pairs_equals_the_direct_count(tmp_
     step_dir.mkdir(parents=True)
     (step_dir / "predictions.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
     out = cv.main([f"--workdir={tmp_path}", "--step=7", "--token-pairs=0"])
-    overall = {r["kind"]: (r["boxes"], r["recall"]) for r in out["recall_by_visibility"] if r["changed fraction"] == "all"}
+    overall = {r["kind"]: (r["boxes"], r["recall"])
+               for r in out["recall_by_visibility"] if r["changed fraction"] == "all"}
     assert overall == {k: (total[k], pytest.approx(found[k] / total[k])) for k in total}
     assert "| all |" in capsys.readouterr().out
     assert cv.main([f"--workdir={tmp_path}", "--token-pairs=0"]) == out  # the earliest evaluated step
