@@ -116,6 +116,8 @@ def token_changes(embeds_a: np.ndarray, embeds_b: np.ndarray, boxes_by_kind: lis
 
 
 def summarise_token_changes(changes: dict[str, list[float]]) -> list[dict]:
+    """Median, 10th and 90th percentile of each kind's changes ("boxes": how many; for "no difference",
+    the pairs with a token outside every box)."""
     return [{"tokens of": kind, "boxes": len(v), "median": float(np.median(v)), "p10": float(np.quantile(v, 0.1)),
              "p90": float(np.quantile(v, 0.9))} for kind, v in sorted(changes.items())]
 
