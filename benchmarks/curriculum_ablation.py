@@ -52,9 +52,11 @@ Resumable: an arm-seed whose final evaluation (metrics.json and predictions.json
 partly trained one continues from its newest checkpoint, and the warm-up and rendering finish only what is
 missing.
 
-Time on the 2-core development machine, measured (2026-12-02, on a fresh clone's `make demo` output):
-29 min 6 s for the default 3 arms x 2 seeds x 300 iterations with --demo-dir, 274-299 s per arm-seed
-(GRPO at ~0.75 s per iteration, evaluation of 1,000 held-out pairs, start-up and compilation). Without
+Time on the 2-core development machine, measured on a fresh clone's `make demo` output: 29 min 6 s for
+the default 3 arms x 2 seeds x 300 iterations with --demo-dir, 274-299 s per arm-seed (2026-12-02, idle,
+the former 1,800-step warm-up; GRPO at ~0.75 s per iteration, evaluation of 1,000 held-out pairs,
+start-up and compilation); 36 min 37 s with the 3,600-step warm-up while other jobs shared the cores
+(2026-12-06; 187-264 s a run once alone). Without
 --demo-dir, rendering 13,000 pairs (~2.5 min) and the demo's 3,600-step warm-up (~15 min) come first.
 """
 from __future__ import annotations
