@@ -56,7 +56,7 @@ def get_config(arg=None):
     c.data.prompt = "Find every difference between the two pictures. Answer with JSON boxes."
     c.data.prompt_bucket = 16
 
-    # ~15 min here; with rendering, GRPO and evaluation the demo takes ~22 of its 30 min. 3,600 steps rather
+    # ~12 min here; with rendering, GRPO and evaluation the demo takes ~18 of its 30 min. 3,600 steps rather
     # than 1,800: held-out reward 0.749 instead of 0.670 after the warm-up, and GRPO's gain then clears two
     # standard errors in both GRPO seeds (README "The CPU demo, and where it stands").
     c.sft.steps = 3600
