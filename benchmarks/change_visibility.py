@@ -26,7 +26,6 @@ by default the earliest evaluated step, the warm-up):
 from __future__ import annotations
 
 import argparse
-import glob
 import json
 import os
 import sys
@@ -37,7 +36,9 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import _common  # noqa: E402  (the benchmarks folder is not a package: scripts run by path)
 
-IOU_HIT = 0.5  # the evaluator's match threshold
+from data_pipeline.validate import changed_pixels  # noqa: E402
+from dig_jax.eval.dig import IOU_THRESHOLD  # noqa: E402
+from dig_jax.rl.rewards import pairwise_iou_giou  # noqa: E402
 
 
 def changed_fraction(image_a: np.ndarray, image_b: np.ndarray, box, threshold: int) -> float:
@@ -48,19 +49,13 @@ def changed_fraction(image_a: np.ndarray, image_b: np.ndarray, box, threshold: i
     x2, y2 = min(int(np.ceil(box[2])), w), min(int(np.ceil(box[3])), h)
     if x2 <= x1 or y2 <= y1:
         return 0.0
-    diff = np.abs(image_a[y1:y2, x1:x2].astype(np.int16) - image_b[y1:y2, x1:x2].astype(np.int16)).max(-1)
-    return float(np.mean(diff > threshold))
+    return float(np.mean(changed_pixels(image_a[y1:y2, x1:x2], image_b[y1:y2, x1:x2], threshold)))
 
 
 def best_iou(box, predicted: np.ndarray) -> float:
     """Largest IoU of pixel box `box` with any row of float[K, 4] `predicted` (0 when K = 0)."""
-    best = 0.0
-    for p in np.asarray(predicted, np.float64).reshape(-1, 4):
-        ix = max(0.0, min(box[2], p[2]) - max(box[0], p[0]))
-        iy = max(0.0, min(box[3], p[3]) - max(box[1], p[1]))
-        union = (box[2] - box[0]) * (box[3] - box[1]) + (p[2] - p[0]) * (p[3] - p[1]) - ix * iy
-        best = max(best, ix * iy / union if union > 0 else 0.0)
-    return best
+    predicted = np.asarray(predicted, np.float64).reshape(-1, 4)
+    return float(pairwise_iou_giou(np.asarray(box), predicted)[0].max()) if len(predicted) else 0.0
 
 
 def true_boxes(predictions: Iterable[dict], records: dict[int, dict], threshold: int) -> list[dict]:
@@ -74,7 +69,7 @@ def true_boxes(predictions: Iterable[dict], records: dict[int, dict], threshold:
         for kind, box in zip(row["gt_kinds"], row["gt_boxes"]):
             out.append({"kind": kind,
                         "changed fraction": changed_fraction(record["image_a"], record["image_b"], box, threshold),
-                        "found": best_iou(box, np.asarray(row["pred_boxes"])) >= IOU_HIT})
+                        "found": best_iou(box, np.asarray(row["pred_boxes"])) >= IOU_THRESHOLD})
     return out
 
 
@@ -124,21 +119,13 @@ def summarise_token_changes(changes: dict[str, list[float]]) -> list[dict]:
 
 def read_records(pattern: str) -> dict[int, dict]:
     """Every decoded record of the shards matching `pattern`, by seed."""
-    from array_record.python.array_record_module import ArrayRecordReader
+    import grain
 
-    from data_pipeline import schema
+    from data_pipeline import loader, schema
 
-    paths = sorted(glob.glob(pattern))
-    if not paths:
-        raise FileNotFoundError(f"no held-out shards match {pattern}")
-    records = {}
-    for path in paths:
-        reader = ArrayRecordReader(path)
-        for i in range(reader.num_records()):
-            record = schema.decode(reader.read([i])[0])
-            records[int(record["seed"])] = record
-        reader.close()
-    return records
+    source = grain.sources.ArrayRecordDataSource(loader.list_shards(pattern))
+    records = (schema.decode(source[i]) for i in range(len(source)))
+    return {int(record["seed"]): record for record in records}
 
 
 def vision_token_changes(workdir: str, step: int, records: list[dict]) -> dict[str, list[float]]:

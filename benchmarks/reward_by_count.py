@@ -166,12 +166,11 @@ def decision_rows(qs, hit_iou: float, miss_iou: float) -> list[dict]:
     return rows
 
 
-def answer_counts(path: str) -> list[dict]:
-    """Per (true boxes, answered boxes) of a DiG evaluation's predictions.jsonl: pairs, mean TP, mean reward."""
-    from dig_jax.eval import stats
-
+def answer_counts(predictions: list[dict]) -> list[dict]:
+    """Per (true boxes, answered boxes) of a DiG evaluation's predictions.jsonl lines: pairs, mean TP, mean
+    reward."""
     groups: dict[tuple[int, int], list[dict]] = {}
-    for row in stats.read_predictions(path):
+    for row in predictions:
         groups.setdefault((int(row["num_gt"]), int(row["num_pred"])), []).append(row)
     return [{"true boxes": g, "answered boxes": k, "pairs": len(rows),
              "mean TP": float(np.mean([r["tp"] for r in rows])),
@@ -179,16 +178,14 @@ def answer_counts(path: str) -> list[dict]:
             for (g, k), rows in sorted(groups.items())]
 
 
-def pair_kind_counts(path: str) -> list[dict]:
+def pair_kind_counts(predictions: list[dict]) -> list[dict]:
     """Per kind of pair (its differences' kinds, sorted and joined by '+', e.g. "color+remove") of a DiG
-    evaluation's predictions.jsonl: pairs, the share answered with 1 and 2 boxes, count accuracy, mean
+    evaluation's predictions.jsonl lines: pairs, the share answered with 1 and 2 boxes, count accuracy, mean
     TP, mean reward, and the mean reward of the pairs answered with 1 and with 2 boxes (NaN when none
     was): what a second box earned on that kind of pair. Lines without `gt_kinds` are skipped (an empty
     list when none has them)."""
-    from dig_jax.eval import stats
-
     groups: dict[str, list[dict]] = {}
-    for row in stats.read_predictions(path):
+    for row in predictions:
         if "gt_kinds" in row:
             groups.setdefault("+".join(sorted(row["gt_kinds"])), []).append(row)
     out = []
@@ -258,11 +255,14 @@ def main(argv=None) -> dict:
     out = {"rows": rows, "q_star": q_star, "q_star_f1": q_star_f1, "q_star_closed_form": q_closed,
            "f1_max_abs_difference": worst, "decisions": decisions}
     if a.predictions:
-        counts = answer_counts(a.predictions)
+        from dig_jax.eval import stats
+
+        predictions = stats.read_predictions(a.predictions)
+        counts = answer_counts(predictions)
         print(f"\n## What the model answers: {a.predictions}")
         print(_common.markdown_table(counts, list(counts[0]), {"mean TP": ".3f", "mean reward": ".3f"}))
         out["answer_counts"] = counts
-        out["pair_kinds"] = pair_kind_counts(a.predictions)
+        out["pair_kinds"] = pair_kind_counts(predictions)
         if out["pair_kinds"]:
             columns = list(out["pair_kinds"][0])
             print("\n## By the kinds of the pair's differences")
